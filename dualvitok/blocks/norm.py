@@ -1,0 +1,52 @@
+"""Normalisation layers of the MoVQ blocks: GroupNorm and the spatially conditioned norm of MoVQ.
+
+``SpatialNorm`` follows "MoVQ: Modulating Quantized Vectors for High-Fidelity Image Generation" (Zheng et al., 2022):
+``GroupNorm(f) * conv_y(zq) + conv_b(zq)`` with ``zq`` resized (nearest) to the feature map. Parameter names
+(``norm_layer``, ``conv_y``, ``conv_b``) are those of the ILLUME+ checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def group_norm(channels: int, num_groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """The GroupNorm of taming/MoVQ: 32 groups, eps 1e-6, affine."""
+    return nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=eps, affine=True)
+
+
+class SpatialNorm(nn.Module):
+    """GroupNorm modulated by a conditioning map.
+
+    Args:
+        channels: feature channels f.
+        zq_channels: channels of the conditioning map.
+
+    Shape: ``x [B, f, H, W]``, ``zq [B, zq_channels, h, w]`` -> ``[B, f, H, W]``.
+    """
+
+    def __init__(self, channels: int, zq_channels: int, num_groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.norm_layer = group_norm(channels, num_groups, eps)
+        self.conv_y = nn.Conv2d(zq_channels, channels, 1)
+        self.conv_b = nn.Conv2d(zq_channels, channels, 1)
+
+    def forward(self, x: Tensor, zq: Tensor) -> Tensor:
+        if zq.shape[-2:] != x.shape[-2:]:
+            zq = F.interpolate(zq.float(), size=x.shape[-2:], mode="nearest").to(zq.dtype)
+        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+
+
+def make_norm(channels: int, zq_channels: int | None = None) -> nn.Module:
+    """GroupNorm, or :class:`SpatialNorm` conditioned on ``zq_channels`` channels when given."""
+    return group_norm(channels) if zq_channels is None else SpatialNorm(channels, zq_channels)
+
+
+def apply_norm(norm: nn.Module, x: Tensor, zq: Tensor | None) -> Tensor:
+    """Call a norm made by :func:`make_norm`, passing ``zq`` to a :class:`SpatialNorm` (where it is required)."""
+    if isinstance(norm, SpatialNorm):
+        if zq is None:
+            raise ValueError("this block uses a spatially conditioned norm (MoVQ decoder): pass zq")
+        return norm(x, zq)
+    return norm(x)

@@ -1,0 +1,62 @@
+"""2D rotary position embedding of the Qwen2-VL vision tower (Su et al., RoFormer; Qwen2-VL, arXiv 2409.12191).
+
+A head of size ``d`` is rotated with ``d/4`` frequencies for the row and ``d/4`` for the column:
+angles ``[row * f, col * f]`` (``d/2`` values), tiled to ``d`` and applied with ``rotate_half`` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """Angles for 2D positions.
+
+    Args:
+        dim: number of angles per position, ``head_dim // 2``; ``dim // 2`` frequencies per axis.
+        theta: frequency base.
+
+    Shape: ``positions [L, 2]`` (row, col; integers) -> ``angles [L, dim]`` float32.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        inv_freq = self.inv_freq.float()
+        pos = positions.to(device=inv_freq.device, dtype=torch.float)  # [L, 2]
+        return torch.cat([torch.outer(pos[:, 0], inv_freq), torch.outer(pos[:, 1], inv_freq)], dim=-1)  # [L, dim]
+
+
+def grid_positions(height: int, width: int, merge_size: int = 1, device=None) -> Tensor:
+    """(row, col) of every cell of an ``height x width`` grid, ``[H*W, 2]`` int64.
+
+    With ``merge_size = m > 1`` cells are ordered in ``m x m`` blocks (raster over blocks, raster inside a block),
+    the order of the Qwen2-VL patch sequence; with ``m = 1`` plain raster order.
+    """
+    rows = torch.arange(height, device=device).unsqueeze(1).expand(height, width)
+    cols = torch.arange(width, device=device).unsqueeze(0).expand(height, width)
+    if merge_size > 1:
+        m = merge_size
+        # [H, W] -> [H/m, m, W/m, m] -> [H/m, W/m, m, m]
+        rows = rows.reshape(height // m, m, width // m, m).permute(0, 2, 1, 3)
+        cols = cols.reshape(height // m, m, width // m, m).permute(0, 2, 1, 3)
+    return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate ``x [..., L, H, d]`` by ``angles [L, d/2]`` in float32; returns the input dtype."""
+    dtype = x.dtype
+    cos = angles.cos().repeat(1, 2).unsqueeze(-2)  # [L, 1, d]
+    sin = angles.sin().repeat(1, 2).unsqueeze(-2)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(dtype)

@@ -1,0 +1,177 @@
+"""Image files / PIL images / arrays <-> model tensors ``[B, 3, H, W]`` in [-1, 1].
+
+Size policy (the reference's ``MoVQImageProcessor.smart_resize`` with factor 16, as Qwen2-VL's ``smart_resize``):
+each side is rounded to the nearest multiple of 16; if the area is then above ``max_pixels`` both sides are scaled
+down (floor to multiples of 16), if below ``min_pixels`` scaled up (ceil); every side is at least 32. The image is
+resized (PIL bicubic) to that size: no cropping, the aspect ratio changes by at most a few pixels. A fixed ``size``
+can be given instead. Images of different sizes in one call are refused with a clear error, or grouped with
+:meth:`ImageProcessor.group`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+
+
+def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 32 * 32,
+                 max_pixels: int | None = 512 * 512) -> tuple[int, int]:
+    """Target ``(H, W)``, multiples of ``factor``, for an ``height x width`` image (see the module docstring)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image has an empty side: {height}x{width}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if max_pixels is not None and h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    min_side = 2 * factor
+    return max(min_side, h), max(min_side, w)
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any supported input -> an RGB PIL image (grayscale, palette, RGBA/LA on white, CMYK, 16-bit converted)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.permute(1, 2, 0)  # CHW -> HWC
+        image = image.numpy()
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"unsupported image type {type(image).__name__}: use a path, PIL image, array or tensor")
+    return _to_rgb(image)
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"arrays must be HxW, HxWx1, HxWx3 or HxWx4 (or CxHxW tensors), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("image array contains NaN or infinite values")
+        if a.min() < 0.0 or a.max() > 1.0:
+            raise ValueError(f"float image arrays must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]; "
+                             "pass uint8 arrays for 0..255 data")
+        a = (a * 255.0).round().astype(np.uint8)
+    else:
+        raise TypeError(f"unsupported array dtype {a.dtype}: use uint8, uint16 or float in [0, 1]")
+    if a.shape[2] == 1:
+        return Image.fromarray(a[:, :, 0], mode="L")
+    return Image.fromarray(a, mode="RGB" if a.shape[2] == 3 else "RGBA")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if a.max() > 255 else 255.0
+        return Image.fromarray((a / scale * 255.0).round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+class ImageProcessor:
+    """Convert images to DualViTok input and back.
+
+    Args:
+        factor: sides become multiples of this (16, the pixel encoder's stride).
+        min_pixels, max_pixels: area bounds of the size policy (``max_pixels=None``: no upper bound).
+        size: fixed output ``(H, W)`` instead of the size policy (multiples of ``factor``).
+
+    Example:
+        >>> processor = ImageProcessor()
+        >>> images = processor(["a.jpg"])  # [1, 3, H, W] in [-1, 1]  # doctest: +SKIP
+        >>> pil = processor.postprocess(model(images).reconstruction)  # doctest: +SKIP
+    """
+
+    def __init__(self, factor: int = 16, min_pixels: int = 32 * 32, max_pixels: int | None = 512 * 512,
+                 size: tuple[int, int] | None = None):
+        if size is not None and (size[0] % factor or size[1] % factor):
+            raise ValueError(f"size must be multiples of {factor}, got {size}")
+        self.factor, self.min_pixels, self.max_pixels, self.size = factor, min_pixels, max_pixels, size
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H, W)`` an ``height x width`` image is resized to."""
+        if self.size is not None:
+            return tuple(self.size)
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def to_tensor(self, image: ImageInput) -> Tensor:
+        """One image -> ``[3, H, W]`` float32 in [-1, 1], resized by the size policy."""
+        pil = load_image(image)
+        h, w = self.target_size(pil.height, pil.width)
+        if (pil.height, pil.width) != (h, w):
+            pil = pil.resize((w, h), Image.BICUBIC)
+        a = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+        return a.float() / 127.5 - 1.0
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """Images -> ``[B, 3, H, W]`` in [-1, 1]. All images must end up with the same size (else see ``group``)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        tensors = [self.to_tensor(im) for im in images]
+        sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
+        if len(sizes) > 1:
+            raise ValueError(f"images have different sizes after resizing: {sizes}. Use ImageProcessor(size=(H, W)) for "
+                             "one size, or ImageProcessor.group(...) to batch images of each size separately")
+        return torch.stack(tensors)
+
+    def group(self, images: Iterable[ImageInput]) -> list[tuple[list[int], Tensor]]:
+        """Batch images of each size separately: ``[(positions in the input, [b, 3, H, W]), ...]``."""
+        groups: dict[tuple[int, int], tuple[list[int], list[Tensor]]] = {}
+        for i, im in enumerate(images):
+            t = self.to_tensor(im)
+            idx, ts = groups.setdefault(tuple(t.shape[-2:]), ([], []))
+            idx.append(i)
+            ts.append(t)
+        return [(idx, torch.stack(ts)) for idx, ts in groups.values()]
+
+    @staticmethod
+    def to_uint8(images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> uint8 ``[B, 3, H, W]``, rounded as the reference saves PNGs."""
+        return (images.detach().float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
+
+    def postprocess(self, images: Tensor) -> list[Image.Image]:
+        """``[B, 3, H, W]`` in [-1, 1] -> RGB PIL images."""
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        arrays = self.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a, mode="RGB") for a in arrays]

@@ -1,0 +1,197 @@
+"""Shared pieces of the quantizers: the output type, layout handling and the bounded-memory nearest-code search.
+
+The search follows the arithmetic of the reference (ILLUME+ uses ``torch.cdist`` on blocks of 32,768 codes, which for
+these sizes expands ``|x|^2 + |c|^2 - 2 x.c``): distances are computed in float32 (also under autocast), in chunks of
+rows and codes whose size is bounded by a memory budget, with a running minimum across code blocks that keeps the
+first index on ties, as the reference's per-block ``min`` followed by a global ``min`` does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .usage import CodebookUsage
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Default bound, in bytes, of the temporary distance tiles of one nearest-code search (256 MiB)."""
+
+REFERENCE_CODE_BLOCK = 32768
+"""Codes per block in the reference search; blocks never exceed this so per-block rounding matches."""
+
+
+class QuantizerOutput(NamedTuple):
+    """What every quantizer returns.
+
+    Attributes:
+        quantized: the quantized input with straight-through gradients, same shape and layout as the input.
+        indices: int64 code indices, the input's shape without the channel axis (``[B,H,W]`` or ``[B,N]``).
+        loss: scalar tensor, the weighted codebook + commitment loss (computed in eval mode too).
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+class NearestCode(NamedTuple):
+    """Result of :func:`nearest_code`: ``indices [N]`` (int64) and squared distances ``[N]`` (float32)."""
+
+    indices: Tensor
+    distances: Tensor
+
+
+def _search_tiles(num_vectors: int, codebook_size: int, memory_budget: int) -> tuple[int, int]:
+    """Rows and codes per tile so that a float32 distance tile plus one temporary of its size fit the budget."""
+    elements = max(1, int(memory_budget) // 8)  # 4 bytes per float32, two live tiles (matmul output + argmin work)
+    block_codes = max(1, min(codebook_size, REFERENCE_CODE_BLOCK, elements))
+    block_rows = max(1, min(num_vectors, elements // block_codes))
+    return block_rows, block_codes
+
+
+def nearest_code(
+    x: Tensor,
+    codebook: Tensor,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    codebook_sq_norms: Tensor | None = None,
+) -> NearestCode:
+    """Index of the nearest code (Euclidean) for every row of ``x``, in float32 and bounded memory.
+
+    Never materialises the full ``[N, K]`` distance matrix: rows and codes are processed in tiles whose float32
+    distance block needs at most about ``memory_budget`` bytes, whatever N and K are.
+
+    Args:
+        x: vectors to quantize. Shape: ``[N, D]``.
+        codebook: the codes. Shape: ``[K, D]``.
+        memory_budget: upper bound in bytes for the temporary distance tiles.
+        codebook_sq_norms: optional precomputed ``|c|^2`` in float32, shape ``[K]`` (a cache for inference).
+
+    Returns:
+        :class:`NearestCode` with ``indices [N]`` int64 and squared ``distances [N]`` float32.
+    """
+    if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"nearest_code expects x [N, D] and codebook [K, D] with the same D, got {tuple(x.shape)} and "
+            f"{tuple(codebook.shape)}"
+        )
+    if memory_budget < 8:
+        raise ValueError(f"memory_budget must be at least 8 bytes, got {memory_budget}")
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.detach().float()
+        codebook = codebook.detach().float()
+        n, k = x.shape[0], codebook.shape[0]
+        if codebook_sq_norms is None:
+            codebook_sq_norms = codebook.pow(2).sum(-1)
+        x_sq_norms = x.pow(2).sum(-1)
+        best_dist = torch.empty(n, dtype=torch.float32, device=x.device)
+        best_idx = torch.empty(n, dtype=torch.long, device=x.device)
+        block_rows, block_codes = _search_tiles(n, k, memory_budget)
+        for r0 in range(0, n, block_rows):
+            xr = x[r0 : r0 + block_rows]
+            run_dist = run_idx = None
+            for c0 in range(0, k, block_codes):
+                cb = codebook[c0 : c0 + block_codes]
+                # |c|^2 - 2 x.c : [rows, codes]; |x|^2 is constant per row and added afterwards
+                dist = torch.addmm(codebook_sq_norms[c0 : c0 + block_codes], xr, cb.t(), beta=1.0, alpha=-2.0)
+                block_min, block_arg = dist.min(dim=1)
+                if run_dist is None:
+                    run_dist, run_idx = block_min, block_arg
+                else:
+                    better = block_min < run_dist  # strict: ties keep the earlier block, as the reference
+                    run_dist = torch.where(better, block_min, run_dist)
+                    run_idx = torch.where(better, block_arg + c0, run_idx)
+                del dist
+            best_dist[r0 : r0 + block_rows] = (run_dist + x_sq_norms[r0 : r0 + block_rows]).clamp_min_(0.0)
+            best_idx[r0 : r0 + block_rows] = run_idx
+    return NearestCode(best_idx, best_dist)
+
+
+class Quantizer(nn.Module):
+    """Base class: layout handling, index validation and optional codebook-usage statistics.
+
+    Subclasses implement :attr:`codebook` and ``forward``. Inputs are channel-first (``[B, D, *spatial]``, e.g. a map
+    ``[B,D,H,W]`` or a sequence ``[B,D,N]``) when ``channel_first`` is true, else channel-last ``[B, *spatial, D]``.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, channel_first: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        super().__init__()
+        if dim < 1 or codebook_size < 1:
+            raise ValueError(f"dim and codebook_size must be positive, got dim={dim}, codebook_size={codebook_size}")
+        self.dim = int(dim)
+        self.codebook_size = int(codebook_size)
+        self.channel_first = bool(channel_first)
+        self.memory_budget = int(memory_budget)
+        self.usage: CodebookUsage | None = None  # a plain attribute: never part of the state dict
+
+    @property
+    def codebook(self) -> Tensor:
+        """The effective codebook ``[K, D]``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------- usage
+    def enable_usage_tracking(self, reset: bool = True) -> CodebookUsage:
+        """Start counting how often each code is selected by ``forward``; returns the :class:`CodebookUsage`."""
+        if reset or self.usage is None:
+            self.usage = CodebookUsage(self.codebook_size)
+        return self.usage
+
+    def disable_usage_tracking(self) -> CodebookUsage | None:
+        """Stop counting; returns the statistics collected so far."""
+        usage, self.usage = self.usage, None
+        return usage
+
+    # ----------------------------------------------------------------------------------------------- layout
+    def _to_rows(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``x`` in the configured layout -> ``([B, L, D], spatial shape)``."""
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim < 3:
+            raise ValueError(
+                f"{type(self).__name__} expects a batch: [B, {self.dim}, *spatial] (channel_first=True) or "
+                f"[B, *spatial, {self.dim}] (channel_first=False), got shape {tuple(x.shape)}; add a batch dimension"
+            )
+        channel_axis = 1 if self.channel_first else -1
+        if x.shape[channel_axis] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__}(dim={self.dim}, channel_first={self.channel_first}) got {x.shape[channel_axis]} "
+                f"channels on axis {channel_axis} of a tensor of shape {tuple(x.shape)}"
+            )
+        if self.channel_first:
+            x = x.movedim(1, -1)  # [B, *spatial, D]
+        spatial = tuple(x.shape[1:-1])
+        return x.reshape(x.shape[0], -1, self.dim), spatial  # [B, L, D]
+
+    def _from_rows(self, rows: Tensor, spatial: tuple[int, ...]) -> Tensor:
+        """``[B, L, D]`` -> the configured layout."""
+        x = rows.reshape(rows.shape[0], *spatial, self.dim)  # [B, *spatial, D]
+        return x.movedim(-1, 1) if self.channel_first else x
+
+    def check_indices(self, indices: Tensor) -> None:
+        """Raise a clear error for indices of the wrong dtype or out of ``[0, codebook_size)``."""
+        if not torch.is_tensor(indices) or indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(
+                f"indices must be an integer tensor (int64 preferred), got {getattr(indices, 'dtype', type(indices))}"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(
+                f"indices out of range: found values in [{int(indices.min())}, {int(indices.max())}] but the codebook "
+                f"has {self.codebook_size} codes (valid: 0..{self.codebook_size - 1})"
+            )
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Code vectors for integer indices.
+
+        Shape: ``indices [B, *spatial]`` -> ``[B, D, *spatial]`` (channel_first) or ``[B, *spatial, D]``.
+        """
+        self.check_indices(indices)
+        codes = self.codebook[indices.long()]  # [B, *spatial, D]
+        return codes.movedim(-1, 1) if self.channel_first else codes
+
+    def _record_usage(self, indices: Tensor) -> None:
+        if self.usage is not None:
+            self.usage.update(indices)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, channel_first={self.channel_first}"
