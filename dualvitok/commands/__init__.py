@@ -1,0 +1,1 @@
+"""Subcommands of the ``dualvitok`` command line (one module each)."""
