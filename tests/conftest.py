@@ -53,3 +53,11 @@ def sample_image_paths():
     from dualvitok.assets import sample_images
 
     return sample_images()
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``../shared/reference``; missing is a failure."""
+    if not (REFERENCE / "dualvitok_state_dict.txt").is_file():
+        pytest.fail(f"reference facts not found at {REFERENCE} (set DUALVITOK_SHARED to the shared/ folder)")
+    return REFERENCE

@@ -84,10 +84,9 @@ class VectorQuantizer(Quantizer):
             codebook = self.codebook.float()
             flat = rows.reshape(-1, self.dim)  # [B*L, D]
             indices = nearest_code(flat, codebook, self.memory_budget).indices
+            quantized = codebook[indices].view_as(rows)  # [B, L, D], codes before this step's update
             if self.training:
                 self._update_codebook(flat.detach(), indices)
-                codebook = self.codebook.float()
-            quantized = codebook[indices].view_as(rows)  # [B, L, D]
             commitment = F.mse_loss(rows, quantized.detach())
             if self.ema_decay is None:
                 loss = F.mse_loss(rows.detach(), quantized) + self.beta * commitment
