@@ -63,10 +63,10 @@ class _Resolver:
         try:
             return hf_hub_download(self.source, filename, revision=self.revision, cache_dir=self.cache_dir,
                                    token=self.token, local_files_only=bool(self.local_files_only))
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: check it first
             self.offline_misses.append(filename)
+            return None
+        except EntryNotFoundError:
             return None
         except HFValidationError as e:
             raise FileNotFoundError(f"{self.source!r} is not a local folder and not a valid Hub repo id: {e}") from e

@@ -9,7 +9,8 @@ Follows ILLUME+ ``tokenizer/vq_loss.py: DualViTokLoss`` (``../shared/reference/d
 with ``lambda`` the adaptive weight when ``disc_adaptive_weight`` (else 1). Differences: the discriminator step is
 skipped entirely before ``disc_start`` (the reference runs it with weight 0, which only updates BatchNorm statistics);
 LPIPS runs without dropout (see :mod:`dualvitok.training.perceptual`); the perceptual network is only built when its
-weight is non-zero.
+weight is non-zero; real and reconstructed images go through the discriminator in one concatenated batch (one
+forward per backward, as DistributedDataParallel needs; the reference makes two calls, so BatchNorm statistics differ).
 """
 
 from __future__ import annotations

@@ -1,0 +1,51 @@
+"""Codebook usage of both DualViTok codebooks (utilisation, perplexity, histograms), merged across processes.
+
+Built on :class:`dualvitok.quantizers.CodebookUsage`. Unlike the reference evaluation (which all-gathers only the pixel
+codebook's usage, so its semantic utilisation counts rank 0 alone), both codebooks are summed over all processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..quantizers import CodebookUsage
+
+
+@dataclass
+class DualCodebookUsage:
+    """Usage counters of the semantic and the pixel codebook."""
+
+    semantic: CodebookUsage
+    pixel: CodebookUsage
+
+    @classmethod
+    def for_model(cls, model) -> DualCodebookUsage:
+        """Empty counters sized for ``model``'s two quantizers."""
+        return cls(CodebookUsage(model.semantic_quantizer.codebook_size), CodebookUsage(model.pixel_quantizer.codebook_size))
+
+    def update(self, encoding) -> None:
+        """Count the tokens of a :class:`dualvitok.outputs.DualViTokEncoding` (``semantic_indices``, ``pixel_indices``)."""
+        self.semantic.update(encoding.semantic_indices)
+        self.pixel.update(encoding.pixel_indices)
+
+    def all_reduce(self, group=None) -> DualCodebookUsage:
+        """Sum both histograms over all processes (no-op outside torch.distributed); returns ``self``."""
+        self.semantic.all_reduce(group)
+        self.pixel.all_reduce(group)
+        return self
+
+    def to_dict(self) -> dict:
+        """``{"semantic": {...}, "pixel": {...}}`` with codebook_size, tokens, used_codes, utilisation, perplexity."""
+        return {"semantic": self.semantic.to_dict(), "pixel": self.pixel.to_dict()}
+
+    def save_histograms(self, path: str | os.PathLike) -> Path:
+        """Write both histograms (int64 counts) to ``.npz`` with keys ``semantic`` and ``pixel`` (atomically)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, semantic=self.semantic.histogram().numpy(), pixel=self.pixel.histogram().numpy())
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,110 @@
+"""Aspect-ratio buckets for refiner training: every image goes to the supported output size of closest aspect ratio.
+
+Own design (the ILLUME+ refiner training code is not released); it follows the usual SDXL bucketing practice: an image
+is resized to cover its bucket's size and center-cropped, and every batch holds images of one bucket. The batch order
+is a pure function of ``(seed, epoch)``, so a resumed run replays exactly the batches a straight run would see.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from .resolutions import nearest_resolution, normalize_resolutions
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files (png, jpg, jpeg, webp, bmp) under ``folder``, recursively, in sorted order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no image folder at {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
+
+
+def resize_cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize (bicubic) so the image covers ``width x height``, then center-crop to exactly that size."""
+    scale = max(width / image.width, height / image.height)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+class BucketImageDataset(Dataset):
+    """Images assigned to aspect-ratio buckets; item ``i`` is a ``[3, H_b, W_b]`` tensor in [-1, 1].
+
+    Args:
+        paths: image files.
+        resolutions: the buckets, as ``(width, height)`` output sizes (the refiner's supported sizes).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], resolutions: Sequence[Sequence[int]] | None = None):
+        from ..processor import load_image
+
+        self._load = load_image
+        self.paths = [Path(p) for p in paths]
+        self.resolutions = normalize_resolutions(resolutions)
+        self.buckets: list[int] = []
+        for path in self.paths:
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+            self.buckets.append(self.resolutions.index(nearest_resolution(h, w, self.resolutions)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        width, height = self.resolutions[self.buckets[i]]
+        image = resize_cover_crop(self._load(self.paths[i]), width, height)
+        x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+        return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
+
+
+def bucket_batches(buckets: Sequence[int], batch_size: int, seed: int, epoch: int,
+                   drop_last: bool = False) -> list[list[int]]:
+    """All batches of one epoch: indices shuffled inside each bucket, cut into batches, batches shuffled.
+
+    Deterministic in ``(seed, epoch)``; every batch holds indices of a single bucket.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    g = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+    by_bucket: dict[int, list[int]] = {}
+    for i, b in enumerate(buckets):
+        by_bucket.setdefault(int(b), []).append(i)
+    batches: list[list[int]] = []
+    for b in sorted(by_bucket):
+        members = by_bucket[b]
+        order = torch.randperm(len(members), generator=g).tolist()
+        shuffled = [members[j] for j in order]
+        for start in range(0, len(shuffled), batch_size):
+            chunk = shuffled[start : start + batch_size]
+            if len(chunk) == batch_size or not drop_last:
+                batches.append(chunk)
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[j] for j in order]
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batch sampler over one epoch of :func:`bucket_batches`, starting after ``skip`` batches (for resuming)."""
+
+    def __init__(self, buckets: Sequence[int], batch_size: int, seed: int = 0, epoch: int = 0, skip: int = 0,
+                 drop_last: bool = False):
+        self.batches = bucket_batches(buckets, batch_size, seed, epoch, drop_last)[skip:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

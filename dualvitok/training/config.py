@@ -1,0 +1,237 @@
+"""Training configuration: a dataclass tree read from YAML (or JSON), with strict keys.
+
+Own design. Field names follow the ILLUME+ training configs where they exist (``disc_start``, ``disc_weight``,
+``disc_loss``, ``gen_adv_loss``, ``reconstruction_loss``, ``codebook_weight``, ``perceptual_weight``, ``lr``,
+``betas``, ``ckpt_every`` -> ``checkpoint_every``, ``per_proc_batch_size`` -> ``batch_size``, ...). Configs shipped with
+the package live in ``dualvitok/configs/*.yaml`` and are found by name (``--config tiny_cpu``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+__all__ = ["LossConfig", "OptimizerConfig", "StageConfig", "DataConfig", "ModelSpec", "RunConfig", "TrainConfig",
+           "load_train_config", "resolve_config_path", "list_configs"]
+
+
+@dataclass
+class LossConfig:
+    """:class:`DualViTokLoss` settings; defaults are the reference ``dualvitok_anyres_max512`` recipe."""
+
+    reconstruction_loss: str = "l2"
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    perceptual_backbone_weights: str | None = "auto"  # torchvision state dict path, 'auto' (hub cache) or null (random)
+    codebook_weight: float = 1.0
+    semantic_weight: float = 1.0
+    semantic_codebook_weight: float = 1.0
+    semantic_reconstruction_weight: float = 1.0
+    disc_type: str = "patchgan"
+    disc_start: int = 20000
+    disc_weight: float = 0.5
+    disc_loss: str = "hinge"
+    gen_adv_loss: str = "hinge"
+    disc_dim: int = 64
+    disc_num_layers: int = 3
+    disc_adaptive_weight: bool = False
+
+    def __post_init__(self):
+        if self.reconstruction_loss not in ("l1", "l2"):
+            raise ValueError(f"loss.reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
+        for name in ("disc_loss", "gen_adv_loss"):
+            if getattr(self, name) not in ("hinge", "vanilla", "non-saturating"):
+                raise ValueError(f"loss.{name} must be 'hinge' or 'non-saturating', got {getattr(self, name)!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam/AdamW for the tokenizer and the discriminator (the reference: Adam, lr 1e-4, betas (0.9, 0.95))."""
+
+    type: str = "adam"  # 'adam' or 'adamw'
+    lr: float = 1e-4
+    disc_lr: float | None = None  # default: lr
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    scheduler: str = "constant"  # 'constant' or 'warmup' (linear warm-up, then constant)
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.type not in ("adam", "adamw"):
+            raise ValueError(f"optimizer.type must be 'adam' or 'adamw', got {self.type!r}")
+        if self.scheduler not in ("constant", "warmup"):
+            raise ValueError(f"optimizer.scheduler must be 'constant' or 'warmup', got {self.scheduler!r}")
+
+
+@dataclass
+class StageConfig:
+    """One resolution stage of progressive training.
+
+    ``mode='fixed'``: square crops of ``resolution``; ``mode='anyres'``: aspect-ratio buckets with at most
+    ``max_pixels`` pixels (sides multiples of 16). A stage lasts until ``until_step`` (exclusive; null = to the end).
+    ``crop_scale``: range of the crop side as a fraction of the short side (random-resized crop; [1, 1] = resize the
+    short side to the target and crop).
+    """
+
+    mode: str = "fixed"
+    resolution: int = 256
+    max_pixels: int = 512 * 512
+    min_pixels: int = 32 * 32
+    until_step: int | None = None
+    batch_size: int | None = None  # per process; default data.batch_size
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self):
+        if self.mode not in ("fixed", "anyres"):
+            raise ValueError(f"stage mode must be 'fixed' or 'anyres', got {self.mode!r}")
+        if self.mode == "fixed" and self.resolution % 16:
+            raise ValueError(f"stage resolution must be a multiple of 16, got {self.resolution}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class DataConfig:
+    """Training images: folders (recursive), image files, webdataset-style ``.tar`` shards or ``builtin:skimage``."""
+
+    sources: tuple[str, ...] = ()
+    batch_size: int = 8  # per process (the reference's per_proc_batch_size)
+    num_workers: int = 0
+    random_flip: bool = True
+    stages: tuple[StageConfig, ...] = (StageConfig(),)
+    cache_images: bool = False  # keep decoded images in memory (small data sets)
+
+
+@dataclass
+class ModelSpec:
+    """What to train: a registered ``name`` (with top-level ``overrides``), a full ``config`` dict, and optionally
+    ``init_from`` (a folder saved by ``save_pretrained``) to fine-tune."""
+
+    name: str | None = "dualvitok_tiny"
+    config: dict[str, Any] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Loop settings."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    mixed_precision: str = "no"  # 'no' or 'bf16' (autocast on CPU and GPU)
+    ema_decay: float | None = None  # e.g. 0.999; null disables EMA (the reference)
+    log_every: int = 1  # metrics.jsonl gets one record per optimizer step; the console every log_every steps
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # reconstructions PNG
+    plot_every: int = 100  # loss-curve PNG
+    num_samples: int = 4
+    threads: int | None = None  # torch.set_num_threads on CPU
+    device: str | None = None  # default: cuda if available else cpu
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"run.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration (YAML sections ``model``, ``loss``, ``optimizer``, ``data``, ``run``)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (tuples as lists)."""
+
+        def convert(value):
+            if dataclasses.is_dataclass(value):
+                return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, (tuple, list)):
+                return [convert(v) for v in value]
+            if isinstance(value, dict):
+                return {k: convert(v) for k, v in value.items()}
+            return value
+
+        return convert(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a nested dict; unknown keys raise ``ValueError`` naming the known ones."""
+        return _build(cls, data, "")
+
+
+_NESTED: dict[tuple[type, str], type] = {}
+
+
+def _build(cls: type[T], data: Any, path: str) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {path or 'root'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown keys in config section {path or 'root'}: {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"model": ModelSpec, "loss": LossConfig, "optimizer": OptimizerConfig, "data": DataConfig,
+               "run": RunConfig}.get(name) if cls is TrainConfig else None
+        where = f"{path}.{name}" if path else name
+        if sub is not None:
+            value = _build(sub, value, where)
+        elif cls is DataConfig and name == "stages":
+            if not value:
+                raise ValueError("data.stages must list at least one stage")
+            value = tuple(_build(StageConfig, v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif isinstance(value, list) and name not in ("config", "overrides"):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in ``dualvitok/configs``."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file path, or the name of a shipped config (``tiny_cpu``, ``fix256``, ``anyres_max512``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"no config file {str(name_or_path)!r}; pass a YAML/JSON file or one of the shipped "
+                            f"configs: {list_configs()}")
+
+
+def load_train_config(name_or_path: str | os.PathLike) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON training config, by path or shipped name."""
+    path = resolve_config_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("YAML configs need PyYAML: pip install dualvitok[train]") from e
+        data = yaml.safe_load(text)
+    return TrainConfig.from_dict(data or {})

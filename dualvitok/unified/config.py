@@ -1,0 +1,69 @@
+"""Configuration of the unified MLLM wrapper (JSON round trip, strict keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .templates import SYSTEM_PROMPT
+
+
+@dataclass
+class UnifiedConfig:
+    """Settings of :class:`dualvitok.unified.UnifiedMLLM` that are not in the LLM's or DualViTok's config.
+
+    Attributes:
+        first_vision_token_id: id of ``<start_of_image>`` (the text vocabulary size; 151665 for Qwen2.5).
+        semantic_codebook_size, pixel_codebook_size: vision vocabulary sizes (32768 / 98304 released).
+        resolution_base, max_resolution: resolution tags ``<height_v>``, ``v = base .. max`` (64 .. 1024).
+        semantic_feature: continuous semantic input: ``"tower"`` (reference) or ``"target"``.
+        semantic_dim, pixel_dim: adapter input widths (3584 / 32 released, the reference's ``mm_hidden_size``).
+        understanding_min_pixels, understanding_max_pixels: native-resolution bounds for understanding
+            (stage-3 config: 32x32 .. 768x768).
+        system_prompt: ChatML system message.
+        eos_token: end of an assistant turn.
+    """
+
+    first_vision_token_id: int
+    semantic_codebook_size: int
+    pixel_codebook_size: int
+    semantic_dim: int
+    pixel_dim: int
+    resolution_base: int = 64
+    max_resolution: int = 1024
+    semantic_feature: str = "tower"
+    understanding_min_pixels: int = 32 * 32
+    understanding_max_pixels: int = 768 * 768
+    system_prompt: str = SYSTEM_PROMPT
+    eos_token: str = "<|im_end|>"
+    model_type: str = "dualvitok_unified"
+    config_version: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> UnifiedConfig:
+        """Build from a dict; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown UnifiedConfig keys {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write JSON atomically."""
+        path = Path(path)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            tmp = f.name
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> UnifiedConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
