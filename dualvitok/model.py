@@ -10,6 +10,7 @@ released checkpoint loads after :func:`dualvitok.convert.convert_reference_state
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -73,6 +74,9 @@ class DualViTok(HubMixin, nn.Module):
         self.pixel_post_quant_conv = nn.Conv2d(pd.embed_dim, pd.z_channels, 1)
         self.pixel_decoder = MoVQDecoder(out_channels=pd.out_channels, zq_channels=pd.embed_dim, **_movq_kwargs(pd))
         self.downsample_factor = config.pixel_downsample_factor
+        self.autocast_dtype: torch.dtype | None = None  # set by optimize_for_inference (fast path)
+        self.channels_last = False
+        self.exact_indices = True
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------ init
@@ -134,6 +138,21 @@ class DualViTok(HubMixin, nn.Module):
         f = self.downsample_factor
         return semantic_grid_size(height, width, unit), (height // f, width // f)
 
+    # ------------------------------------------------------------------------------------------ fast path
+    def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
+                               exact_indices: bool = True) -> DualViTok:
+        """Opt-in fast path (bf16 autocast, weights cast once, channels_last convs); see :mod:`dualvitok.inference`."""
+        from .inference import optimize_for_inference
+
+        return optimize_for_inference(self, dtype, channels_last, exact_indices)
+
+    def _compute_context(self, device: torch.device, exact: bool = False):
+        """Autocast for the fast path; ``exact`` stages (the encoders feeding the quantizers) stay float32 when the
+        fast path was set up with ``exact_indices=True``."""
+        if self.autocast_dtype is None or (exact and self.exact_indices):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:
         """Tokenize images.
@@ -146,19 +165,27 @@ class DualViTok(HubMixin, nn.Module):
             pre-quantization features, the semantic target and both quantizer losses).
         """
         self.check_images(images)
-        pixel_values, grid_thw = self.semantic_preprocessor(images)
-        semantic = self.semantic_encoder(pixel_values, grid_thw)
-        sem_q = self.semantic_quantizer(semantic.features.float())
-        pixel_features = self.pixel_quant_conv(self.pixel_encoder(images))
-        pix_q = self.pixel_quantizer(pixel_features.float())
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        se = self.semantic_encoder
+        with self._compute_context(images.device):  # the frozen tower: bf16 on the fast path
+            pixel_values, grid_thw = self.semantic_preprocessor(images)
+            tower_features, target = se.forward_tower(pixel_values, grid_thw)
+        hs, ws = se._grid(grid_thw)[1:]
+        with self._compute_context(images.device, exact=True):  # float32 unless the fast path is not exact
+            features = se.forward_head(target.float(), hs, ws)
+            sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
+            pixel_features = self.pixel_quant_conv(self.pixel_encoder(images)).float()
+            pix_q = self.pixel_quantizer(pixel_features)
+        semantic_features, semantic_target = se.to_map(features, hs, ws).float(), se.to_map(target, hs, ws).float()
         return DualViTokEncoding(
             semantic_indices=sem_q.indices,
             pixel_indices=pix_q.indices,
             semantic_codes=sem_q.quantized,
             pixel_codes=pix_q.quantized,
-            semantic_features=semantic.features,
+            semantic_features=semantic_features,
             pixel_features=pixel_features,
-            semantic_target=semantic.target,
+            semantic_target=semantic_target,
             semantic_loss=sem_q.loss,
             pixel_loss=pix_q.loss,
             semantic_pixel_values=pixel_values,
@@ -201,7 +228,10 @@ class DualViTok(HubMixin, nn.Module):
             if t.ndim != 4 or t.shape[1] != dim:
                 raise ValueError(f"{name} must be [B, {dim}, h, w], got {tuple(t.shape)}")
         merged = self.merge_codes(semantic_codes, pixel_codes)
-        return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged)
+        if self.channels_last:
+            merged = merged.contiguous(memory_format=torch.channels_last)
+        with self._compute_context(merged.device):
+            return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged).float()
 
     def decode_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> Tensor:
         """Decode integer tokens: ``[B, hs, ws]``, ``[B, h, w]`` -> images ``[B, 3, 16h, 16w]``."""
@@ -211,7 +241,8 @@ class DualViTok(HubMixin, nn.Module):
 
     def decode_semantic(self, semantic_codes: Tensor) -> Tensor:
         """Semantic decoder: ``[B, z_s, hs, ws] -> [B, C_vit, hs, ws]`` (compare with ``semantic_target``)."""
-        return self.semantic_decoder(semantic_codes)
+        with self._compute_context(semantic_codes.device):
+            return self.semantic_decoder(semantic_codes).float()
 
     def forward(self, images: Tensor) -> DualViTokOutput:
         """Encode and decode: images ``[B, 3, H, W]`` -> :class:`DualViTokOutput`."""

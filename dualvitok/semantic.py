@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks.qwen2_vit import Qwen2VisionTower
-from .blocks.rope import VisionRotaryEmbedding, grid_positions
+from .blocks.rope import VisionRotaryEmbedding, grid_positions, rotary_cos_sin
 from .blocks.vit import VisionBlock
 from .configuration import SemanticDecoderConfig, SemanticEncoderConfig
 from .outputs import SemanticEncoderOutput
@@ -111,9 +111,9 @@ class _RopeTransformer(nn.Module):
 
     def run_blocks(self, x: Tensor, height: int, width: int) -> Tensor:
         """``x [B, h*w, dim]`` in raster order -> ``[B, h*w, dim]``."""
-        angles = self.rotary_pos_emb(grid_positions(height, width))
+        rope = rotary_cos_sin(self.rotary_pos_emb(grid_positions(height, width)))  # 2 x [h*w, 1, head_dim]
         for block in self.blocks:
-            x = block(x, angles)
+            x = block(x, rope)
         return x
 
 
@@ -138,22 +138,35 @@ class SemanticEncoder(_RopeTransformer):
         self.proj_in = nn.Linear(tower.hidden_size, config.embed_dim)
         self.proj_out = _projection(config.proj_layer, config.embed_dim, config.z_channels)
 
-    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> SemanticEncoderOutput:
+    def _grid(self, grid_thw: Tensor) -> tuple[int, int, int]:
         grids = grid_thw.tolist()
         if any(g != grids[0] for g in grids):
             raise ValueError(f"all images of a batch must have the same semantic grid, got {grids}; group by size")
-        batch = len(grids)
-        hs, ws = grids[0][1] // self.merge_size, grids[0][2] // self.merge_size
+        return len(grids), grids[0][1] // self.merge_size, grids[0][2] // self.merge_size
+
+    def forward_tower(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen tower, no autograd: ``(tower_features, target)``, each ``[B, hs*ws, C_vit]``."""
+        batch, hs, ws = self._grid(grid_thw)
         with torch.no_grad():
             tower_features = self.model(pixel_values, grid_thw)  # [B*hs*ws, C_vit]
             target = self.target_mlp(tower_features)
-        x = self.proj_in(target.view(batch, hs * ws, -1))  # [B, hs*ws, embed]
-        x = self.proj_out(self.run_blocks(x, hs, ws))  # [B, hs*ws, z]
+        return tower_features.view(batch, hs * ws, -1), target.view(batch, hs * ws, -1)
 
-        def to_map(t: Tensor) -> Tensor:
-            return t.reshape(batch, hs, ws, -1).permute(0, 3, 1, 2)  # [B, C, hs, ws]
+    def forward_head(self, target: Tensor, height: int, width: int) -> Tensor:
+        """Trainable head: ``target [B, hs*ws, C_vit]`` -> features ``[B, hs*ws, z]``."""
+        x = self.proj_in(target)  # [B, hs*ws, embed]
+        return self.proj_out(self.run_blocks(x, height, width))  # [B, hs*ws, z]
 
-        return SemanticEncoderOutput(to_map(x), to_map(target), to_map(tower_features))
+    @staticmethod
+    def to_map(tokens: Tensor, height: int, width: int) -> Tensor:
+        """``[B, h*w, C] -> [B, C, h, w]`` (raster order)."""
+        return tokens.reshape(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
+
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> SemanticEncoderOutput:
+        _, hs, ws = self._grid(grid_thw)
+        tower_features, target = self.forward_tower(pixel_values, grid_thw)
+        features = self.forward_head(target, hs, ws)
+        return SemanticEncoderOutput(*(self.to_map(t, hs, ws) for t in (features, target, tower_features)))
 
 
 class SemanticDecoder(_RopeTransformer):

@@ -20,6 +20,7 @@ from .resnet import ResnetBlock2d as ResnetBlock2d
 from .rope import VisionRotaryEmbedding as VisionRotaryEmbedding
 from .rope import apply_rotary as apply_rotary
 from .rope import grid_positions as grid_positions
+from .rope import rotary_cos_sin as rotary_cos_sin
 from .rope import rotate_half as rotate_half
 from .vit import VisionAttention as VisionAttention
 from .vit import VisionBlock as VisionBlock
@@ -30,5 +31,5 @@ __all__ = [
     "AttnBlock2d", "DCDownBlock2d", "DCUpBlock2d", "Downsample2d", "MoVQDecoder", "MoVQEncoder", "PatchEmbed",
     "PatchMerger", "Qwen2VisionConfig", "Qwen2VisionTower", "ResnetBlock2d", "SpatialNorm", "Upsample2d",
     "VisionAttention", "VisionBlock", "VisionMlp", "VisionRotaryEmbedding", "apply_rotary", "channel_average",
-    "channel_to_space", "grid_positions", "group_norm", "quick_gelu", "rotate_half", "space_to_channel",
+    "channel_to_space", "grid_positions", "group_norm", "quick_gelu", "rotary_cos_sin", "rotate_half", "space_to_channel",
 ]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rope import VisionRotaryEmbedding, grid_positions
+from .rope import VisionRotaryEmbedding, grid_positions, rotary_cos_sin
 from .vit import VisionBlock
 
 
@@ -107,9 +107,9 @@ class Qwen2VisionTower(nn.Module):
             groups = [(g, chunk.unsqueeze(0)) for g, chunk in zip(grids, x.split(lengths))]
         outputs = []
         for (t, h, w), tokens in groups:
-            angles = self.rotary_pos_emb(self.positions(t, h, w))  # [L, head_dim/2]
+            rope = rotary_cos_sin(self.rotary_pos_emb(self.positions(t, h, w)))  # 2 x [L, 1, head_dim]
             for block in self.blocks:
-                tokens = block(tokens, angles)
+                tokens = block(tokens, rope)
             outputs.append(tokens.reshape(-1, tokens.shape[-1]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

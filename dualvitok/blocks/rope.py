@@ -53,10 +53,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate ``x [..., L, H, d]`` by ``angles [L, d/2]`` in float32; returns the input dtype."""
+def rotary_cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """``angles [L, d/2]`` -> ``(cos, sin)``, each ``[L, 1, d]`` float32 (the half angles tiled twice).
+
+    Compute once per forward and pass to every block (``apply_rotary``).
+    """
+    angles = angles.float()
+    return angles.cos().repeat(1, 2).unsqueeze(-2), angles.sin().repeat(1, 2).unsqueeze(-2)
+
+
+def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor] | Tensor) -> Tensor:
+    """Rotate ``x [..., L, H, d]`` by ``rope`` = ``(cos, sin)`` from :func:`rotary_cos_sin` (or raw ``angles
+    [L, d/2]``), in float32; returns the input dtype."""
+    cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope
     dtype = x.dtype
-    cos = angles.cos().repeat(1, 2).unsqueeze(-2)  # [L, 1, d]
-    sin = angles.sin().repeat(1, 2).unsqueeze(-2)
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(dtype)

@@ -47,7 +47,7 @@ class VisionMlp(nn.Module):
 class VisionAttention(nn.Module):
     """Multi-head self-attention with 2D RoPE on queries and keys.
 
-    Shape: ``x [B, L, dim]``, ``angles [L, head_dim/2]`` -> ``[B, L, dim]``.
+    Shape: ``x [B, L, dim]``, ``rope`` = ``(cos, sin)`` each ``[L, 1, head_dim]`` -> ``[B, L, dim]``.
     """
 
     def __init__(self, dim: int, num_heads: int = 16):
@@ -59,11 +59,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, angles: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attn_mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x [B, L, H, hd]
-        if angles is not None:
-            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -78,7 +78,8 @@ class VisionBlock(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
         hidden_act: MLP activation (``quick_gelu`` in the reference).
 
-    Shape: ``x [B, L, dim]``, ``angles [L, head_dim/2]`` -> ``[B, L, dim]``.
+    Shape: ``x [B, L, dim]``, ``rope`` = ``(cos, sin)`` from :func:`~dualvitok.blocks.rope.rotary_cos_sin`
+    -> ``[B, L, dim]``.
     """
 
     def __init__(self, dim: int, num_heads: int = 16, mlp_ratio: float = 4.0, hidden_act: str = "quick_gelu"):
@@ -88,6 +89,6 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = VisionMlp(dim, int(dim * mlp_ratio), hidden_act)
 
-    def forward(self, x: Tensor, angles: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), angles, attn_mask)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), rope, attn_mask)
         return x + self.mlp(self.norm2(x))

@@ -10,6 +10,7 @@ from dualvitok.blocks import (
     Qwen2VisionTower,
     VisionBlock,
     VisionRotaryEmbedding,
+    rotary_cos_sin,
     apply_rotary,
     grid_positions,
 )
@@ -67,7 +68,7 @@ def test_vision_block_matches_naive_implementation():
     block = VisionBlock(64, num_heads=4)
     x = torch.randn(2, 12, 64)
     angles = VisionRotaryEmbedding(8)(grid_positions(3, 4))
-    torch.testing.assert_close(block(x, angles), naive_block(block, x, angles), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block(x, rotary_cos_sin(angles)), naive_block(block, x, angles), atol=1e-5, rtol=1e-5)
 
 
 def test_tower_batches_equal_single_images_and_mixed_grids():
