@@ -1,9 +1,9 @@
 """Shared pieces of the quantizers: the output type, layout handling and the bounded-memory nearest-code search.
 
-The search follows the arithmetic of the reference (ILLUME+ uses ``torch.cdist`` on blocks of 32,768 codes, which for
-these sizes expands ``|x|^2 + |c|^2 - 2 x.c``): distances are computed in float32 (also under autocast), in chunks of
-rows and codes whose size is bounded by a memory budget, with a running minimum across code blocks that keeps the
-first index on ties, as the reference's per-block ``min`` followed by a global ``min`` does.
+The search uses the expansion the reference's ``torch.cdist`` uses for these sizes, ``|x|^2 + |c|^2 - 2 x.c``, in
+float32 (also under autocast). Instead of ``cdist`` on blocks of 32,768 codes it works on small tiles (a few MiB,
+bounded by a memory budget) that are reduced while they are still in cache, which is both bounded in memory and
+faster; ties resolve to the lowest index, as the reference's per-block ``min`` followed by a global ``min`` does.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from .usage import CodebookUsage
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Default bound, in bytes, of the temporary distance tiles of one nearest-code search (256 MiB)."""
 
-REFERENCE_CODE_BLOCK = 32768
-"""Codes per block in the reference search; blocks never exceed this so per-block rounding matches."""
+TILE_BYTES = 2 * 2**20
+"""Preferred size of one float32 distance tile: small enough to stay in the CPU's L2 cache while it is reduced."""
+
+CODE_TILE = 2048
+"""Codes per tile (the reduction over a tile happens while it is cache-resident)."""
 
 
 class QuantizerOutput(NamedTuple):
@@ -44,29 +47,40 @@ class NearestCode(NamedTuple):
 
 
 def _search_tiles(num_vectors: int, codebook_size: int, memory_budget: int) -> tuple[int, int]:
-    """Rows and codes per tile so that a float32 distance tile plus one temporary of its size fit the budget."""
-    elements = max(1, int(memory_budget) // 8)  # 4 bytes per float32, two live tiles (matmul output + argmin work)
-    block_codes = max(1, min(codebook_size, REFERENCE_CODE_BLOCK, elements))
+    """Rows and codes per tile: a float32 tile of at most ``min(budget / 2, TILE_BYTES)`` bytes."""
+    elements = max(1, min(int(memory_budget) // 8, TILE_BYTES // 4))  # two live tiles: GEMM output + reduction
+    block_codes = max(1, min(codebook_size, CODE_TILE, elements))
     block_rows = max(1, min(num_vectors, elements // block_codes))
     return block_rows, block_codes
+
+
+def prepare_codebook(codebook: Tensor) -> Tensor:
+    """``[K, D]`` codes -> ``[K, D + 1]`` float32 ``[-2 c, |c|^2]``, so that ``[x, 1] @ prepared^T = |c|^2 - 2 x.c``.
+
+    Cache the result when the codebook does not change (inference) and pass it to :func:`nearest_code`.
+    """
+    with torch.no_grad(), torch.autocast(device_type=codebook.device.type, enabled=False):
+        c = codebook.detach().float()
+        return torch.cat([c * -2.0, c.pow(2).sum(-1, keepdim=True)], dim=1)
 
 
 def nearest_code(
     x: Tensor,
     codebook: Tensor,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    codebook_sq_norms: Tensor | None = None,
+    prepared: Tensor | None = None,
 ) -> NearestCode:
     """Index of the nearest code (Euclidean) for every row of ``x``, in float32 and bounded memory.
 
-    Never materialises the full ``[N, K]`` distance matrix: rows and codes are processed in tiles whose float32
-    distance block needs at most about ``memory_budget`` bytes, whatever N and K are.
+    Never materialises the full ``[N, K]`` distance matrix: rows and codes are processed in tiles of at most
+    ``min(memory_budget / 2, 2 MiB)`` bytes each (two live tiles), reduced to a per-tile minimum while cached;
+    exact ties resolve to the lowest index, as an ``argmin`` over the whole matrix does.
 
     Args:
         x: vectors to quantize. Shape: ``[N, D]``.
         codebook: the codes. Shape: ``[K, D]``.
         memory_budget: upper bound in bytes for the temporary distance tiles.
-        codebook_sq_norms: optional precomputed ``|c|^2`` in float32, shape ``[K]`` (a cache for inference).
+        prepared: optional ``prepare_codebook(codebook)`` (a cache for inference).
 
     Returns:
         :class:`NearestCode` with ``indices [N]`` int64 and squared ``distances [N]`` float32.
@@ -80,31 +94,25 @@ def nearest_code(
         raise ValueError(f"memory_budget must be at least 8 bytes, got {memory_budget}")
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         x = x.detach().float()
-        codebook = codebook.detach().float()
-        n, k = x.shape[0], codebook.shape[0]
-        if codebook_sq_norms is None:
-            codebook_sq_norms = codebook.pow(2).sum(-1)
-        x_sq_norms = x.pow(2).sum(-1)
+        if prepared is None:
+            prepared = prepare_codebook(codebook)
+        n, k = x.shape[0], prepared.shape[0]
+        x_aug = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], dim=1)  # [N, D + 1]
+        block_rows, block_codes = _search_tiles(n, k, memory_budget)
+        num_blocks = -(-k // block_codes)
         best_dist = torch.empty(n, dtype=torch.float32, device=x.device)
         best_idx = torch.empty(n, dtype=torch.long, device=x.device)
-        block_rows, block_codes = _search_tiles(n, k, memory_budget)
         for r0 in range(0, n, block_rows):
-            xr = x[r0 : r0 + block_rows]
-            run_dist = run_idx = None
-            for c0 in range(0, k, block_codes):
-                cb = codebook[c0 : c0 + block_codes]
-                # |c|^2 - 2 x.c : [rows, codes]; |x|^2 is constant per row and added afterwards
-                dist = torch.addmm(codebook_sq_norms[c0 : c0 + block_codes], xr, cb.t(), beta=1.0, alpha=-2.0)
-                block_min, block_arg = dist.min(dim=1)
-                if run_dist is None:
-                    run_dist, run_idx = block_min, block_arg
-                else:
-                    better = block_min < run_dist  # strict: ties keep the earlier block, as the reference
-                    run_dist = torch.where(better, block_min, run_dist)
-                    run_idx = torch.where(better, block_arg + c0, run_idx)
-                del dist
-            best_dist[r0 : r0 + block_rows] = (run_dist + x_sq_norms[r0 : r0 + block_rows]).clamp_min_(0.0)
-            best_idx[r0 : r0 + block_rows] = run_idx
+            xr = x_aug[r0 : r0 + block_rows]
+            block_min = torch.empty(xr.shape[0], num_blocks, dtype=torch.float32, device=x.device)
+            block_arg = torch.empty(xr.shape[0], num_blocks, dtype=torch.long, device=x.device)
+            for b, c0 in enumerate(range(0, k, block_codes)):
+                dist = xr @ prepared[c0 : c0 + block_codes].t()  # |c|^2 - 2 x.c : [rows, codes]
+                torch.min(dist, dim=1, out=(block_min[:, b], block_arg[:, b]))
+            best_block = block_min.argmin(dim=1, keepdim=True)  # first block wins ties: lowest index overall
+            best_idx[r0 : r0 + block_rows] = block_arg.gather(1, best_block).squeeze(1) + best_block.squeeze(1) * block_codes
+            row_sq = x[r0 : r0 + block_rows].pow(2).sum(-1)
+            best_dist[r0 : r0 + block_rows] = (block_min.gather(1, best_block).squeeze(1) + row_sq).clamp_min_(0.0)
     return NearestCode(best_idx, best_dist)
 
 

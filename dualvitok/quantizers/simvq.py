@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, nearest_code
+from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, nearest_code, prepare_codebook
 from .rotation import rotate_to
 
 
@@ -61,7 +61,7 @@ class SimVQ(Quantizer):
         return self.code_transform(self.frozen_codebook)
 
     def _search_codebook(self) -> tuple[Tensor, Tensor | None]:
-        """The codebook for the search, cached (with its squared norms) when no gradient is needed."""
+        """The codebook, and its prepared search form cached while no gradient is needed (inference)."""
         if torch.is_grad_enabled() and self.code_transform.weight.requires_grad:
             return self.codebook, None
         w, f = self.code_transform.weight, self.frozen_codebook
@@ -69,15 +69,15 @@ class SimVQ(Quantizer):
         if self._inference_cache is None or self._inference_cache[0] != key:
             with torch.no_grad(), torch.autocast(device_type=w.device.type, enabled=False):
                 codebook = F.linear(f.float(), w.float())
-            self._inference_cache = (key, codebook, codebook.pow(2).sum(-1))
+            self._inference_cache = (key, codebook, prepare_codebook(codebook))
         return self._inference_cache[1], self._inference_cache[2]
 
     def forward(self, x: Tensor) -> QuantizerOutput:
         rows, spatial = self._to_rows(x)  # [B, L, D]
         with torch.autocast(device_type=rows.device.type, enabled=False):
             rows = rows.float()
-            search_codebook, sq_norms = self._search_codebook()
-            found = nearest_code(rows.reshape(-1, self.dim), search_codebook, self.memory_budget, sq_norms)
+            search_codebook, prepared = self._search_codebook()
+            found = nearest_code(rows.reshape(-1, self.dim), search_codebook, self.memory_budget, prepared)
             indices = found.indices.view(rows.shape[0], -1)  # [B, L]
             quantized = search_codebook.float()[indices]  # [B, L, D]
             loss = F.mse_loss(rows.detach(), quantized) + self.input_to_quantize_commit_loss_weight * F.mse_loss(

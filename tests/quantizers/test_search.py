@@ -33,7 +33,7 @@ def test_tiles_respect_the_budget():
     for n, k, budget in [(1024, 98304, 2**20), (32768, 98304, 256 * 2**20), (5, 7, 8), (10**6, 10, 10**5)]:
         rows, codes = _search_tiles(n, k, budget)
         assert rows * codes * 8 <= max(budget, 8)
-        assert codes <= 32768
+        assert rows * codes * 4 <= 2 * 2**20
 
 
 def test_half_precision_inputs_are_searched_in_float32():
