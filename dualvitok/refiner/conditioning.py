@@ -62,6 +62,8 @@ def code_features(tokenizer, semantic_indices: Tensor, pixel_indices: Tensor,
     """
     check_token_grids(tokenizer, semantic_indices, pixel_indices)
     sem_q, pix_q = tokenizer.semantic_quantizer, tokenizer.pixel_quantizer
+    device = next(tokenizer.parameters()).device
+    semantic_indices, pixel_indices = semantic_indices.to(device), pixel_indices.to(device)
     semantic_codes = sem_q.indices_to_codes(semantic_indices).float()  # [B, C_s, hs, ws]
     pixel_codes = pix_q.indices_to_codes(pixel_indices).float()  # [B, C_p, h, w]
     if semantic_noise is not None and semantic_noise.batch_rate > 0 and semantic_noise.token_rate > 0:

@@ -14,6 +14,7 @@ passed in is never cast to fp16 or moved.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -86,13 +87,15 @@ class RefinerPipeline:
                 f"{self.code_channels} code channels = {expected} (semantic {tokenizer.semantic_quantizer.dim} + pixel "
                 f"{tokenizer.pixel_quantizer.dim}); use a UNet built for this tokenizer")
         if unet.config.out_channels != self.latent_channels:
-            raise ValueError(f"UNet out_channels {unet.config.out_channels} != VAE latent channels {self.latent_channels}")
+            raise ValueError(f"UNet out_channels {unet.config.out_channels} != VAE latent channels "
+                             f"{self.latent_channels}")
         zero_text_conditioning(unet, 1, device="meta")  # validates the SDXL conditioning layout early
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_architecture(cls, tokenizer, architecture: str = "sdxl", resolutions: Sequence[Sequence[int]] | None = None,
+    def from_architecture(cls, tokenizer, architecture: str = "sdxl",
+                          resolutions: Sequence[Sequence[int]] | None = None,
                           scheduler_config: dict[str, Any] | None = None) -> RefinerPipeline:
         """A randomly initialised refiner (``"sdxl"`` layout, or ``"tiny"`` for tests) sized for ``tokenizer``."""
         code_channels = tokenizer.semantic_quantizer.dim + tokenizer.pixel_quantizer.dim
@@ -110,8 +113,10 @@ class RefinerPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> RefinerPipeline:
         """Move the UNet and the VAE (not the tokenizer, which may be shared) to ``device`` / ``dtype``."""
-        for module in (self.unet, self.vae):
-            module.to(device=device, dtype=dtype)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:
+            for module in (self.unet, self.vae):
+                module.to(**kwargs)
         return self
 
     # ------------------------------------------------------------------------------------------ sizes
@@ -124,7 +129,8 @@ class RefinerPipeline:
         """The micro-conditioning index of an output size, or a ValueError listing the supported sizes."""
         index = resolution_index(height, width, self.resolutions)
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"output {width}x{height} is not a multiple of the VAE scale factor {self.vae_scale_factor}")
+            raise ValueError(f"output {width}x{height} is not a multiple of the VAE scale factor "
+                             f"{self.vae_scale_factor}")
         return index
 
     @property
@@ -232,6 +238,8 @@ class RefinerPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents.to(device=self.device, dtype=self.dtype) * self.scheduler.init_noise_sigma
         use_cfg = guidance_scale > 1.0
+        step_params = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if "generator" in step_params else {}  # e.g. PNDM takes none
         if use_cfg:
             features = torch.cat([torch.zeros_like(features), features])  # [uncond; cond]
         for t in tqdm(self.scheduler.timesteps, desc="refiner", disable=not progress):
@@ -243,7 +251,7 @@ class RefinerPipeline:
                 prediction = uncond + guidance_scale * (cond - uncond)
                 if guidance_rescale > 0:
                     prediction = rescale_guidance(prediction, cond, guidance_rescale)
-            latents = self.scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+            latents = self.scheduler.step(prediction, t, latents, return_dict=False, **step_kwargs)[0]
         return self.decode_latents(latents)
 
     # ------------------------------------------------------------------------------------------ save / load

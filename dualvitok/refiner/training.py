@@ -1,4 +1,4 @@
-"""Training objective of the refiner: denoising loss conditioned on (perturbed) DualViTok codes of a 2x-downsampled image.
+"""Refiner training objective: denoising loss conditioned on (perturbed) DualViTok codes of the 2x-downsampled image.
 
 Own design; the ILLUME+ reference released only the inference pipeline (its issue #6). It follows the standard
 diffusers SDXL fine-tuning recipe (VAE latents x scaling factor, DDPM forward noising with uniformly drawn timesteps,

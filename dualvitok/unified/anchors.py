@@ -28,7 +28,8 @@ def nearest_anchor(height: int, width: int, anchors: tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class PaddingBox:
-    """Where the resized image sits in the padded canvas: ``(left, top, width, height)``, and the original size."""
+    """Where the resized image sits in the padded canvas (``left, top, width, height``), the canvas size and the
+    original size."""
 
     left: int
     top: int
@@ -36,6 +37,8 @@ class PaddingBox:
     height: int
     original_width: int
     original_height: int
+    canvas_width: int
+    canvas_height: int
 
 
 def pad_to_size(image: Image.Image, height: int, width: int, fill=(255, 255, 255)) -> tuple[Image.Image, PaddingBox]:
@@ -45,10 +48,15 @@ def pad_to_size(image: Image.Image, height: int, width: int, fill=(255, 255, 255
     canvas = Image.new("RGB", (width, height), fill)
     left, top = (width - w) // 2, (height - h) // 2
     canvas.paste(image.convert("RGB").resize((w, h), Image.BICUBIC), (left, top))
-    return canvas, PaddingBox(left, top, w, h, image.width, image.height)
+    return canvas, PaddingBox(left, top, w, h, image.width, image.height, width, height)
 
 
 def unpad_and_resize(image: Image.Image, box: PaddingBox) -> Image.Image:
-    """Crop the padding of a generated image (same canvas size as the padded input) and resize to the original."""
-    cropped = image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+    """Crop the padding of a generated image and resize to the original size.
+
+    The image may be larger than the canvas (the refiner's 2x output): the box is scaled to it.
+    """
+    sx, sy = image.width / box.canvas_width, image.height / box.canvas_height
+    cropped = image.crop((round(box.left * sx), round(box.top * sy), round((box.left + box.width) * sx),
+                          round((box.top + box.height) * sy)))
     return cropped.resize((box.original_width, box.original_height), Image.BICUBIC)

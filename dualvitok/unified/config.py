@@ -1,4 +1,9 @@
-"""Configuration of the unified MLLM wrapper (JSON round trip, strict keys)."""
+"""Configuration of the unified MLLM wrapper (JSON round trip, strict keys).
+
+Collects what the ILLUME+ reference keeps in its ``illume_qwen2`` config (``special_tokens_ids``, ``mm_hidden_size``,
+``mm_vision_tower`` pixel bounds) and its hard-coded constants (first vision id 151665, codebook sizes); written for
+this library.
+"""
 
 from __future__ import annotations
 

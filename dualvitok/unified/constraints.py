@@ -30,7 +30,7 @@ class ImageBlockConstraint:
         batch_size: rows.
         eos_token_id: end of the answer (``<|im_end|>``).
         force_image_start: the first token of every row is ``<start_of_image>`` (image generation / editing).
-        allow_images: text rows may start an image (``False`` for understanding: text only).
+        allow_images: text rows may start an image (``False`` for understanding: no vision token at all).
         end_after_image: force ``eos_token_id`` right after ``<end_of_image>`` (else continue in text mode).
     """
 
@@ -39,7 +39,8 @@ class ImageBlockConstraint:
         if (force_image_start or allow_images) and grids is None:
             raise ValueError("grids are needed when images may be generated")
         self.vocabulary, self.grids, self.eos_token_id = vocabulary, grids, eos_token_id
-        self.force_image_start, self.allow_images, self.end_after_image = force_image_start, allow_images, end_after_image
+        self.force_image_start, self.allow_images = force_image_start, allow_images
+        self.end_after_image = end_after_image
         self.skeleton = block_skeleton(vocabulary, grids).tolist() if grids is not None else []
         self.block_length = len(self.skeleton)
         self.position = [-1] * batch_size  # -1: text before any image; 0..L-1: block tokens emitted; L: after image
@@ -50,7 +51,7 @@ class ImageBlockConstraint:
     def kinds(self) -> list[str | int]:
         """Next-token kind per row: ``"text"``, ``"semantic"``, ``"pixel"``, ``"done"`` or a forced token id."""
         out: list[str | int] = []
-        for pos, done in zip(self.position, self.finished):
+        for pos, done in zip(self.position, self.finished, strict=True):
             if done:
                 out.append(DONE)
             elif pos == -1:
@@ -64,7 +65,8 @@ class ImageBlockConstraint:
 
     def in_image(self) -> list[bool]:
         """Rows whose next token lies inside an image block (after ``<start_of_image>``): guidance applies there."""
-        return [not done and 0 <= pos < self.block_length for pos, done in zip(self.position, self.finished)]
+        rows = zip(self.position, self.finished, strict=True)
+        return [not done and 0 <= pos < self.block_length for pos, done in rows]
 
     def update(self, tokens: Tensor | list[int]) -> None:
         """Advance with the tokens just appended, ``[B]``."""
@@ -95,8 +97,8 @@ class ImageBlockConstraint:
                 allowed[vocab.first_id + 1:vocab.first_id + 7] = False
                 allowed[vocab.code_offset(SEMANTIC_LEVEL):vocab.end_id] = False
                 allowed[vocab.end_id:] = False  # padding rows of the resized embedding
-                if not self.allow_images:
-                    allowed[vocab.start_of_image] = False
+                if not self.allow_images:  # text only: no vision token at all (also no resolution tags)
+                    allowed[vocab.first_id:vocab.end_id] = False
                 allowed[self.eos_token_id] = True
             self._masks[key] = allowed
         return self._masks[key]

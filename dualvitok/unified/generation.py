@@ -54,7 +54,10 @@ class _Branch:
         if use_cache:
             from transformers import DynamicCache
 
-            self.cache = DynamicCache(config=getattr(model, "config", None))
+            try:
+                self.cache = DynamicCache(config=getattr(model, "config", None))
+            except TypeError:  # transformers < 4.56: no config argument
+                self.cache = DynamicCache()
         self.logits = self._run(inputs_embeds, self.positions)
 
     def _run(self, embeds: Tensor, positions: Tensor) -> Tensor:
@@ -119,7 +122,8 @@ def generate_tokens(
     by_kind: dict[str, SamplingParams] = {TEXT: settings.text, SEMANTIC: settings.semantic, PIXEL: settings.pixel}
     generated: list[Tensor] = []
     steps = 0
-    for steps in tqdm(range(1, max_new_tokens + 1), disable=not progress, desc="generating", unit="tok"):
+    for step in tqdm(range(1, max_new_tokens + 1), disable=not progress, desc="generating", unit="tok"):
+        steps = step
         scores = torch.log_softmax(cond.logits, dim=-1)  # [B, V]
         if uncond is not None:
             inside = torch.tensor(constraint.in_image(), device=scores.device)

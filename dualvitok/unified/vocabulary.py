@@ -184,7 +184,7 @@ class VisionVocabulary:
         if first is None or first == unk:
             raise ValueError("the tokenizer has no vision tokens (<start_of_image> is unknown); call "
                              "dualvitok.unified.extend_tokenizer(tokenizer, ...) first")
-        bad = [(s, i) for k, (s, i) in enumerate(zip(strings, ids)) if i != first + k]
+        bad = [(s, i) for k, (s, i) in enumerate(zip(strings, ids, strict=True)) if i != first + k]
         if bad:
             raise ValueError(f"the tokenizer's vision tokens are not contiguous in the reference order (first "
                              f"mismatches: {bad[:3]}); check the codebook sizes ({semantic_codebook_size}, "

@@ -1,0 +1,210 @@
+"""Checkpoint layouts of the unified MLLM: this library's folder layout and the released ILLUME+ origin layout.
+
+ILLUME+ origin format (``ILLUME-MLLM/illume_plus-qwen2_5-3b`` / ``-7b``, loaded in the reference by
+``illume.model.builder.load_pretrained_model``): one Qwen2 checkpoint folder whose ``config.json`` has
+``model_type: illume_qwen2`` plus ``special_tokens_ids``, ``mm_hidden_size``, ``mm_projector``, ``mm_vision_tower``,
+and whose (sharded) weights hold the LLM (``model.*``, ``lm_head.*``), the fine-tuned vision tower
+(``model.vision_tower.semantic_encoder.*`` = the Qwen2-VL ViT, ``model.vision_tower.pixel_encoder.*`` = the MoVQ
+encoder) and the adapters (``model.mm_projector.projector_{1,2}.{0,2}.*``); the tokenizer files sit beside them.
+The DualViTok that decodes codes is separate (``ILLUME-MLLM/dualvitok``). Loading reads the LLM with
+``Qwen2ForCausalLM.from_pretrained`` (config re-typed as ``qwen2``; the vision keys are skipped there) and the vision
+keys directly from the shards. The Hugging Face remote-code format (``-hf`` repos) is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..model import DualViTok
+from .adapters import DualVisionTower
+from .config import UnifiedConfig
+from .vocabulary import VisionVocabulary
+
+if TYPE_CHECKING:
+    from .model import UnifiedMLLM
+
+logger = logging.getLogger(__name__)
+
+UNIFIED_CONFIG_NAME = "unified_config.json"
+ADAPTERS_NAME = "vision_adapters.safetensors"
+LANGUAGE_MODEL_DIR = "language_model"
+VISION_TOKENIZER_DIR = "vision_tokenizer"
+ILLUME_TOWER_PREFIX, ILLUME_PROJECTOR_PREFIX = "model.vision_tower.", "model.mm_projector."
+DEFAULT_VISION_TOKENIZER = "ILLUME-MLLM/dualvitok"
+
+
+def save_unified(model, save_directory: str | os.PathLike) -> Path:
+    """Write ``model`` (a ``UnifiedMLLM``) in this library's layout; returns the folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.language_model.save_pretrained(directory / LANGUAGE_MODEL_DIR)
+    model.tokenizer.save_pretrained(directory / LANGUAGE_MODEL_DIR)
+    model.vision_tokenizer.save_pretrained(directory / VISION_TOKENIZER_DIR)
+    tensors = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
+    tensors.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
+        tmp_path = tmp.name
+    try:
+        save_file(tensors, tmp_path, metadata={"format": "pt", "library": "dualvitok"})
+        os.replace(tmp_path, directory / ADAPTERS_NAME)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    model.config.to_json_file(directory / UNIFIED_CONFIG_NAME)
+    return directory
+
+
+def load_unified(cls, source: str | os.PathLike, vision_tokenizer, dtype: torch.dtype | None, refiner, **hub_kwargs):
+    """Load either layout from a folder or a Hub repo (see ``UnifiedMLLM.from_pretrained``)."""
+    path = _resolve_folder(source, **hub_kwargs)
+    if (path / UNIFIED_CONFIG_NAME).is_file():
+        return _load_own_layout(cls, path, vision_tokenizer, dtype, refiner)
+    if _is_illume_layout(path):
+        return _load_illume_layout(cls, path, vision_tokenizer, dtype, refiner)
+    raise FileNotFoundError(f"{path} is neither a UnifiedMLLM folder (no {UNIFIED_CONFIG_NAME}) nor an ILLUME+ "
+                            "checkpoint (config.json with model_type 'illume_qwen2' or mm_projector fields)")
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the unified MLLM needs transformers: pip install 'dualvitok[unified]'") from e
+    return transformers
+
+
+def _dtype_kwargs(transformers, dtype: torch.dtype | None) -> dict:
+    """``from_pretrained`` dtype argument: ``dtype`` (transformers >= 4.56) or ``torch_dtype`` (older)."""
+    if dtype is None:
+        return {}
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _resolve_folder(source: str | os.PathLike, **hub_kwargs) -> Path:
+    if os.path.isdir(source):
+        return Path(source)
+    if os.path.exists(source) or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source!r} is not a model folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), **hub_kwargs))
+    except Exception as e:
+        raise OSError(f"could not get {source!r} from the Hub ({e}); download it with `huggingface-cli download "
+                      f"{source} --local-dir DIR` and pass DIR") from e
+
+
+def _load_vision_tokenizer(spec, default: str | os.PathLike | None) -> DualViTok:
+    if isinstance(spec, DualViTok):
+        return spec
+    from ..loading import load_model
+
+    spec = spec if spec is not None else default
+    if spec is None:
+        raise ValueError("pass vision_tokenizer= (a DualViTok, folder, Hub id or registered name)")
+    return load_model(spec)
+
+
+def _load_own_layout(cls, path: Path, vision_tokenizer, dtype, refiner) -> UnifiedMLLM:
+    transformers = _require_transformers()
+    from safetensors.torch import load_file
+
+    config = UnifiedConfig.from_json_file(path / UNIFIED_CONFIG_NAME)
+    kwargs = _dtype_kwargs(transformers, dtype)
+    language_model = transformers.AutoModelForCausalLM.from_pretrained(path / LANGUAGE_MODEL_DIR, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / LANGUAGE_MODEL_DIR, padding_side="left")
+    vq = _load_vision_tokenizer(vision_tokenizer, path / VISION_TOKENIZER_DIR)
+    model = cls(language_model, tokenizer, vq, config, refiner=refiner)
+    state = load_file(path / ADAPTERS_NAME)
+    _load_adapters(model, {k[len("vision_tower."):]: v for k, v in state.items() if k.startswith("vision_tower.")},
+                   {k[len("mm_projector."):]: v for k, v in state.items() if k.startswith("mm_projector.")})
+    return model
+
+
+def _load_adapters(model: UnifiedMLLM, tower: dict[str, Tensor], projector: dict[str, Tensor]) -> None:
+    tower = {k: v for k, v in tower.items() if not k.endswith("inv_freq")}
+    for name, module, state in (("vision tower", model.vision_tower, tower), ("projector", model.mm_projector,
+                                                                               projector)):
+        result = module.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"the {name} weights do not fit: missing {result.missing_keys[:5]}, unexpected "
+                             f"{result.unexpected_keys[:5]} (is the vision tokenizer's architecture the right one?)")
+
+
+def _is_illume_layout(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return data.get("model_type") == "illume_qwen2" or "mm_projector" in data or "special_tokens_ids" in data
+
+
+def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
+    """Tensors whose names start with one of ``prefixes``, from (sharded) safetensors or .bin weights."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    out: dict[str, Tensor] = {}
+    if files:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefixes):
+                        out[key] = f.get_tensor(key)
+        return out
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
+    return out
+
+
+def _load_illume_layout(cls, path: Path, vision_tokenizer, dtype, refiner) -> UnifiedMLLM:
+    """ILLUME+ origin format: a Qwen2 checkpoint whose config is ``illume_qwen2`` and whose weights also hold
+    ``model.vision_tower.{semantic_encoder,pixel_encoder}.*`` and ``model.mm_projector.projector_{1,2}.*``."""
+    transformers = _require_transformers()
+    data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    lm_config = dict(data, model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    lm_config = transformers.Qwen2Config.from_dict(lm_config)
+    kwargs = _dtype_kwargs(transformers, dtype)
+    language_model = transformers.Qwen2ForCausalLM.from_pretrained(path, config=lm_config, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left", use_fast=True)
+    vq = _load_vision_tokenizer(vision_tokenizer, DEFAULT_VISION_TOKENIZER)
+    vocab = VisionVocabulary.from_tokenizer(tokenizer, vq.config.semantic_quantizer.codebook_size,
+                                            vq.config.pixel_quantizer.codebook_size)
+    if "special_tokens_ids" in data and list(data["special_tokens_ids"]) != vocab.marker_ids:
+        raise ValueError(f"config special_tokens_ids {data['special_tokens_ids']} differ from the tokenizer's "
+                         f"{vocab.marker_ids}")
+    weights = _read_prefixed(path, (ILLUME_TOWER_PREFIX, ILLUME_PROJECTOR_PREFIX))
+    tower = {k[len(ILLUME_TOWER_PREFIX):]: v for k, v in weights.items() if k.startswith(ILLUME_TOWER_PREFIX)}
+    projector = {k[len(ILLUME_PROJECTOR_PREFIX):]: v for k, v in weights.items()
+                 if k.startswith(ILLUME_PROJECTOR_PREFIX)}
+    if "projector_1.0.weight" not in projector or "projector_2.0.weight" not in projector:
+        raise ValueError(f"no {ILLUME_PROJECTOR_PREFIX}projector_1/2 weights in {path}")
+    config = UnifiedConfig(first_vision_token_id=vocab.first_id, semantic_codebook_size=vocab.semantic_codebook_size,
+                           pixel_codebook_size=vocab.pixel_codebook_size,
+                           semantic_dim=projector["projector_1.0.weight"].shape[1],
+                           pixel_dim=projector["projector_2.0.weight"].shape[1])
+    tower_cfg = data.get("mm_vision_tower") if isinstance(data.get("mm_vision_tower"), dict) else {}
+    if "max_pixels" in tower_cfg:
+        config.understanding_min_pixels = int(tower_cfg.get("min_pixels", config.understanding_min_pixels))
+        config.understanding_max_pixels = int(tower_cfg["max_pixels"])
+    model = cls(language_model, tokenizer, vq, config, refiner=refiner)
+    if tower:
+        _load_adapters(model, tower, projector)
+    else:
+        logger.warning("no %s* weights in %s: using the vision tokenizer's encoders", ILLUME_TOWER_PREFIX, path)
+        model.vision_tower = DualVisionTower.from_dualvitok(vq)
+        _load_adapters(model, {k: v for k, v in model.vision_tower.state_dict().items()}, projector)
+    return model

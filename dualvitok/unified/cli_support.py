@@ -1,0 +1,57 @@
+"""Shared pieces of the ``dualvitok chat`` / ``generate`` / ``edit`` commands (written for this library; the
+reference has Gradio demos and scripts instead)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype`` choices (the argument parser itself is in :mod:`dualvitok.commands.generate`)."""
+
+
+def load_unified(args: argparse.Namespace):
+    """The model named by ``--model`` (see :func:`add_model_arguments`)."""
+    from .model import UnifiedMLLM
+
+    if args.model == "tiny":
+        from .tiny import tiny_unified_model
+
+        logger.warning("using a tiny model with RANDOM weights (outputs are noise)")
+        return tiny_unified_model().to(args.device)
+    return UnifiedMLLM.from_pretrained(args.model, vision_tokenizer=args.vision_tokenizer, dtype=_DTYPES[args.dtype],
+                                       device=args.device)
+
+
+def generator_for(args: argparse.Namespace) -> torch.Generator:
+    return torch.Generator(device=args.device).manual_seed(args.seed)
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image atomically (format from the suffix, PNG by default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """``out.png`` for one image, ``out_0.png, out_1.png, ...`` for several."""
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix or '.png'}") for i in range(count)]
