@@ -5,6 +5,7 @@ from .base import NearestCode as NearestCode
 from .base import Quantizer as Quantizer
 from .base import QuantizerOutput as QuantizerOutput
 from .base import nearest_code as nearest_code
+from .base import prepare_codebook as prepare_codebook
 from .noise import inject_token_noise as inject_token_noise
 from .noise import token_noise_mask as token_noise_mask
 from .rotation import rotate_to as rotate_to
@@ -32,6 +33,7 @@ __all__ = [
     "build_quantizer",
     "inject_token_noise",
     "nearest_code",
+    "prepare_codebook",
     "rotate_to",
     "token_noise_mask",
 ]
