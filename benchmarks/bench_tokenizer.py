@@ -5,7 +5,9 @@
     python benchmarks/bench_tokenizer.py --model dualvitok_tiny --quality-only
 
 Both paths run in one process, on the same model weights (random, or ``--model`` a checkpoint), with their timed calls
-interleaved so that machine noise affects both alike. "fast" is ``model.optimize_for_inference()`` (bf16 weights
+interleaved so that machine noise affects both alike. The first configuration is warmed up and timed ``--repeats``
+times (best kept); later ones once (they are long on a 2-core CPU). encode+decode time = encode + decode (from
+indices); peak memory is the largest RSS increase during a call. "fast" is ``model.optimize_for_inference()`` (bf16 weights
 and autocast, channels_last convolutions, float32 encoders in front of the quantizers). FLOPs are counted with
 ``torch.utils.flop_counter`` on the float32 path; the achieved FLOP/s is compared with this machine's measured GEMM
 peak (``torch.mm`` of 2048x2048 operands) in float32 and bf16. The quality guard compares the fast path's
@@ -35,39 +37,43 @@ def _images(size: int, batch: int) -> torch.Tensor:
 
 
 def _stages(model, x):
-    enc = lambda: model.encode(x)  # noqa: E731
+    """``encode`` and ``decode`` (from the indices of a cached encoding) as zero-argument callables."""
     cached = model.encode(x)
-    dec = lambda: model.decode_indices(cached.semantic_indices, cached.pixel_indices)  # noqa: E731
-
-    def both():
-        e = model.encode(x)
-        return model.decode_indices(e.semantic_indices, e.pixel_indices)
-
-    return {"encode": enc, "decode": dec, "encode+decode": both}
+    return {
+        "encode": lambda: model.encode(x),
+        "decode": lambda: model.decode_indices(cached.semantic_indices, cached.pixel_indices),
+    }
 
 
-def _interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+def _interleaved(fns: dict, repeats: int, warmup: bool) -> tuple[dict, dict]:
+    """Best time and peak RSS increase of each callable, the callables run in turn ``repeats`` times."""
     import time
 
-    for fn in fns.values():
-        fn()  # warm-up
+    if warmup:
+        for fn in fns.values():
+            fn()
     best = {k: float("inf") for k in fns}
+    peak = {k: 0 for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            gc.collect()
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
+            peak[k] = max(peak[k], mem.peak)
+    return best, peak
 
 
 def _flops(model, x) -> dict[str, float]:
+    """FLOPs of each stage for the batch ``x`` (counted on one image, times the batch size)."""
     out = {}
     with torch.inference_mode():
-        for name, fn in _stages(model, x).items():
+        for name, fn in _stages(model, x[:1]).items():
             counter = FlopCounterMode(display=False)
             with counter:
                 fn()
-            out[name] = counter.get_total_flops()
+            out[name] = counter.get_total_flops() * x.shape[0]
     return out
 
 
@@ -96,6 +102,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quality-sizes", type=int, nargs="*", default=[256], help="sizes of the quality guard")
     parser.add_argument("--quality-only", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -103,7 +110,7 @@ def main() -> None:
     fast = copy.deepcopy(reference).optimize_for_inference()
     print(f"Machine: {machine()}\nModel: {args.model}\n", flush=True)
 
-    quality_rows = [quality(reference, fast, s) for s in args.sizes]
+    quality_rows = [quality(reference, fast, s) for s in args.quality_sizes]
     print(table(["size", "photos", "mean PSNR fast vs fp32 (dB)", "min PSNR (dB)", "semantic idx equal",
                  "pixel idx equal", "all idx equal"], quality_rows), flush=True)
     if args.quality_only:
@@ -113,30 +120,27 @@ def main() -> None:
     print(f"\nGEMM peak: float32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s\n", flush=True)
     rows = []
+    first = True
     for size in args.sizes:
         for batch in args.batches:
             x = _images(size, batch)
             flops = _flops(reference, x)
+            flops["encode+decode"] = flops["encode"] + flops["decode"]
             with torch.inference_mode():
-                fns = {}
-                for path, model in (("fp32", reference), ("fast", fast)):
-                    for stage, fn in _stages(model, x).items():
-                        fns[(path, stage)] = fn
-                times = _interleaved(fns, args.repeats)
-                mem = {}
-                for path, model in (("fp32", reference), ("fast", fast)):
-                    gc.collect()
-                    with PeakMemory() as peak:
-                        _stages(model, x)["encode+decode"]()
-                    mem[path] = peak.peak
+                fns = {(path, stage): fn for path, model in (("fp32", reference), ("fast", fast))
+                       for stage, fn in _stages(model, x).items()}
+                times, peaks_mem = _interleaved(fns, args.repeats if first else 1, warmup=first)
+            first = False
+            for path in ("fp32", "fast"):
+                times[(path, "encode+decode")] = times[(path, "encode")] + times[(path, "decode")]
+                peaks_mem[(path, "encode+decode")] = max(peaks_mem[(path, "encode")], peaks_mem[(path, "decode")])
             for stage in ("encode", "decode", "encode+decode"):
                 t32, tf = times[("fp32", stage)], times[("fast", stage)]
                 rows.append([
                     f"{size}x{size}", batch, stage, f"{flops[stage] / batch / 1e9:,.0f}",
                     f"{batch / t32:.3f}", f"{batch / tf:.3f}", f"**{t32 / tf:.2f}x**",
                     f"{flops[stage] / t32 / peaks[torch.float32]:.0%}", f"{flops[stage] / tf / peaks[torch.bfloat16]:.0%}",
-                    f"{mem['fp32'] / 2**30:.2f}" if stage == "encode+decode" else "",
-                    f"{mem['fast'] / 2**30:.2f}" if stage == "encode+decode" else "",
+                    f"{peaks_mem[('fp32', stage)] / 2**30:.2f}", f"{peaks_mem[('fast', stage)] / 2**30:.2f}",
                 ])
                 print(rows[-1], flush=True)
     print()
