@@ -16,13 +16,15 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     Args:
         spec: ``None`` or ``"demo"``: the bundled demo model; a folder (ours or the reference layout); a Hub repo id;
             or a registered architecture name (random weights, with a warning).
-        device: where to put the model.
+        device: where to put the model (``"auto"``: cuda, npu or cpu).
         kwargs: passed to :meth:`DualViTok.from_pretrained`.
     """
     from .assets import demo_model_path
+    from .devices import resolve_device
     from .model import DualViTok
     from .registry import create_model, list_models
 
+    device = resolve_device(device)
     if spec is None or str(spec) == "demo":
         return DualViTok.from_pretrained(demo_model_path(), **kwargs).to(device)
     if str(spec) in list_models() and not os.path.isdir(spec):
