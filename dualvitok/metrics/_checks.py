@@ -26,7 +26,7 @@ def check_pair(pred: Tensor, target: Tensor, name: str = "metric") -> None:
         if not torch.is_tensor(t):
             raise TypeError(f"{name}: {label} must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{name}: {label} must be float in [0, 1], got {t.dtype}; convert uint8 images with x / 255")
+            raise TypeError(f"{name}: {label} must be float in [0, 1], got {t.dtype}; convert uint8 with x / 255")
         if t.ndim != 4:
             hint = "; add a batch dimension with x.unsqueeze(0)" if t.ndim == 3 else ""
             raise ValueError(f"{name}: {label} must be [B, C, H, W], got shape {tuple(t.shape)}{hint}")

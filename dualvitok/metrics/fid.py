@@ -7,8 +7,9 @@ Follows pytorch-fid (``pytorch_fid/fid_score.py``): statistics are the feature m
 * the statistics are accumulated in float64 batch by batch (Chan et al.'s pairwise update of mean and co-moment
   matrix), so memory is constant in the number of images and results merge exactly across processes;
 * ``Tr(sqrt(sigma1 sigma2))`` is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
-  ``sqrt(sigma1) sigma2 sqrt(sigma1)`` (same eigenvalues as ``sigma1 sigma2``) instead of ``scipy.linalg.sqrtm`` of a
-  non-symmetric product: no imaginary parts to discard, and near-singular covariances need no ad-hoc ``eps``.
+  ``R^T sigma2 R`` with ``sigma1 = R R^T`` (Cholesky factor, or the symmetric square root when ``sigma1`` is singular),
+  which has the eigenvalues of ``sigma1 sigma2``, instead of ``scipy.linalg.sqrtm`` of a non-symmetric product: no
+  imaginary parts to discard, near-singular covariances need no ad-hoc ``eps``, and it is several times faster.
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ def _as_float64(x, name: str) -> np.ndarray:
     return a
 
 
+def _trace_sqrt_product(s1: Tensor, s2: Tensor) -> float:
+    """``Tr(sqrt(s1 s2))`` for symmetric PSD ``[D, D]`` float64 matrices.
+
+    ``s1 s2`` has the eigenvalues of the symmetric PSD matrix ``R^T s2 R`` for any ``s1 = R R^T``: ``R`` is the
+    Cholesky factor when ``s1`` is positive definite (fast), else ``sqrt(s1)`` from an eigendecomposition.
+    """
+    factor, info = torch.linalg.cholesky_ex(s1)
+    if int(info) != 0:  # singular (e.g. fewer samples than dimensions): symmetric square root instead
+        w, v = torch.linalg.eigh(s1)
+        factor = (v * w.clamp(min=0).sqrt()) @ v.T  # [D, D]
+    m = factor.T @ s2 @ factor
+    eig = torch.linalg.eigvalsh((m + m.T) / 2)
+    return float(eig.clamp(min=0).sqrt().sum())
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Squared Frechet distance ``|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))`` of two Gaussians.
 
@@ -47,11 +63,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"shapes do not match: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    w, v = np.linalg.eigh(s1)
-    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # [D, D]
-    m = sqrt_s1 @ s2 @ sqrt_s1
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())
+    tr_covmean = _trace_sqrt_product(torch.from_numpy(s1), torch.from_numpy(s2))
     diff = mu1 - mu2
     value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
     return max(value, 0.0)

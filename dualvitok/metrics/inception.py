@@ -61,8 +61,9 @@ class InceptionFeatures(nn.Module):
         Raises:
             WeightsNotFoundError: no weights are available (the message says how to provide them).
         """
+        path = resolve_weights(FID_INCEPTION, weights_path, allow_download)  # fail before building the network
         module = cls()
-        module.load_weights(resolve_weights(FID_INCEPTION, weights_path, allow_download))
+        module.load_weights(path)
         return module
 
     def load_weights(self, path: str | os.PathLike) -> None:

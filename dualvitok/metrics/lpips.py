@@ -58,9 +58,10 @@ class LPIPS(nn.Module):
         Raises:
             WeightsNotFoundError: no trunk weights are available (the message says how to provide them).
         """
+        path = resolve_weights(BACKBONES[_check_net(net)], weights_path, allow_download)  # fail before building
         module = cls(net)
         module.load_linear_layers()
-        module.load_backbone(resolve_weights(BACKBONES[module.net_name], weights_path, allow_download))
+        module.load_backbone(path)
         return module
 
     def load_linear_layers(self, path: str | os.PathLike | None = None) -> None:

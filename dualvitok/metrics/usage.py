@@ -25,10 +25,11 @@ class DualCodebookUsage:
     @classmethod
     def for_model(cls, model) -> DualCodebookUsage:
         """Empty counters sized for ``model``'s two quantizers."""
-        return cls(CodebookUsage(model.semantic_quantizer.codebook_size), CodebookUsage(model.pixel_quantizer.codebook_size))
+        return cls(CodebookUsage(model.semantic_quantizer.codebook_size),
+                   CodebookUsage(model.pixel_quantizer.codebook_size))
 
     def update(self, encoding) -> None:
-        """Count the tokens of a :class:`dualvitok.outputs.DualViTokEncoding` (``semantic_indices``, ``pixel_indices``)."""
+        """Count the ``semantic_indices`` and ``pixel_indices`` of a :class:`dualvitok.outputs.DualViTokEncoding`."""
         self.semantic.update(encoding.semantic_indices)
         self.pixel.update(encoding.pixel_indices)
 

@@ -54,7 +54,8 @@ LPIPS_ALEX = WeightsSpec("LPIPS AlexNet backbone (torchvision IMAGENET1K_V1)",
 
 def offline() -> bool:
     """True when downloads are disabled (``HF_HUB_OFFLINE`` or ``DUALVITOK_OFFLINE`` set to a true value)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "DUALVITOK_OFFLINE"))
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "DUALVITOK_OFFLINE"))
 
 
 def find_local_weights(spec: WeightsSpec, path: str | os.PathLike | None = None) -> Path | None:
@@ -101,7 +102,7 @@ def resolve_weights(spec: WeightsSpec, path: str | os.PathLike | None = None, al
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load a state dict from safetensors or a torch file (``weights_only=True``; a ``state_dict`` wrapper is unwrapped)."""
+    """Load a state dict from safetensors or a torch file (``weights_only=True``; unwraps a ``state_dict`` key)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
