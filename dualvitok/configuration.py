@@ -90,6 +90,7 @@ class SemanticEncoderConfig(_ConfigMixin):
     num_heads: int = 16  # the reference always uses 16 heads, mlp_ratio 4, quick_gelu in the head blocks
     mlp_ratio: float = 4.0
     semantic_encoder_config: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    timm_model: str | None = None  # None: the Qwen2-VL tower; else a timm ViT name (dualvitok.timm_tower, extra timm)
 
 
 @dataclass

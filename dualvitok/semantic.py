@@ -128,7 +128,12 @@ class SemanticEncoder(_RopeTransformer):
         super().__init__(config.embed_dim, config.num_blocks, config.num_heads, config.mlp_ratio)
         tower = config.semantic_encoder_config
         self.config = config
-        self.model = Qwen2VisionTower(tower)
+        if config.timm_model:  # pluggable tower (same interface), see dualvitok.timm_tower
+            from .timm_tower import TimmVisionTower
+
+            self.model = TimmVisionTower(config.timm_model, tower)
+        else:
+            self.model = Qwen2VisionTower(tower)
         self.model.requires_grad_(False)
         self.merge_size = tower.spatial_merge_size
         if config.target_mlp == "norm":

@@ -168,7 +168,7 @@ class TrainImageDataset(Dataset):
 
 
 class BatchDataset(Dataset):
-    """A list of batches (lists of :class:`SampleSpec`) -> stacked ``[B, 3, H, W]`` tensors (use ``batch_size=None``)."""
+    """Batches (lists of :class:`SampleSpec`) -> stacked ``[B, 3, H, W]`` tensors (use ``batch_size=None``)."""
 
     def __init__(self, images: TrainImageDataset, batches: list[list[SampleSpec]]):
         self.images = images

@@ -34,7 +34,8 @@ GanKind = Literal["hinge", "vanilla", "non-saturating"]
 def reconstruction_loss(inputs: Tensor, reconstructions: Tensor, kind: ReconstructionKind = "l2") -> Tensor:
     """Mean absolute (``l1``) or squared (``l2``) error over all elements of ``[B, C, H, W]`` images."""
     if inputs.shape != reconstructions.shape:
-        raise ValueError(f"shape mismatch: inputs {tuple(inputs.shape)} vs reconstructions {tuple(reconstructions.shape)}")
+        raise ValueError(f"shape mismatch: inputs {tuple(inputs.shape)} vs reconstructions "
+                         f"{tuple(reconstructions.shape)}")
     diff = inputs.float() - reconstructions.float()
     if kind == "l1":
         return diff.abs().mean()
@@ -94,7 +95,8 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_we
 def semantic_cosine_loss(target: Tensor, reconstruction: Tensor) -> Tensor:
     """``mean(1 - cos)`` between channel vectors of ``[B, C, h, w]`` maps (over all ``B*h*w`` tokens)."""
     if target.shape != reconstruction.shape:
-        raise ValueError(f"semantic target {tuple(target.shape)} and reconstruction {tuple(reconstruction.shape)} differ")
+        raise ValueError(f"semantic target {tuple(target.shape)} and reconstruction "
+                         f"{tuple(reconstruction.shape)} differ")
     t = target.float().movedim(1, -1).reshape(-1, target.shape[1])  # (B*h*w, C)
     r = reconstruction.float().movedim(1, -1).reshape(-1, reconstruction.shape[1])  # (B*h*w, C)
     return (1.0 - F.cosine_similarity(t, r, dim=-1, eps=1e-8)).mean()

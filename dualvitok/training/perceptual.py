@@ -70,7 +70,8 @@ class LPIPSLoss(nn.Module):
             self.load_backbone(path)
         elif backbone_weights is not None:
             logger.warning("LPIPS: no %s backbone weights found (pass backbone_weights=PATH to a torchvision state "
-                           "dict); using a RANDOMLY INITIALISED trunk, the loss is then only a rough structural term", net)
+                           "dict); using a RANDOMLY INITIALISED trunk, the loss is then only a rough structural term",
+                           net)
         self.requires_grad_(False)
         self.eval()
 

@@ -46,7 +46,8 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike, keys: tuple[st
     draw = ImageDraw.Draw(img)
     series = []
     for key in keys:
-        pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and r[key] > (0 if log_y else -1e30)]
+        floor = 0 if log_y else -1e30
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and r[key] > floor]
         if pts:
             series.append((key, np.array(pts, dtype=np.float64)))
     if not series:
@@ -80,7 +81,7 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike, keys: tuple[st
         color = COLORS[i % len(COLORS)]
         faint = tuple(int(c + (255 - c) * 0.7) for c in color)
         raw = [to_px(x, y) for x, y in s]
-        smooth = [to_px(x, y) for x, y in zip(s[:, 0], _smooth(s[:, 1], max(1, len(s) // 50)))]
+        smooth = [to_px(x, y) for x, y in zip(s[:, 0], _smooth(s[:, 1], max(1, len(s) // 50)), strict=True)]
         if len(raw) > 1:
             draw.line(raw, fill=faint, width=1)
             draw.line(smooth, fill=color, width=2)

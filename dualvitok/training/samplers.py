@@ -32,16 +32,24 @@ class SampleSpec:
 
 
 def bucket_sizes(max_pixels: int, min_pixels: int = 32 * 32, multiple: int = 16,
-                 ratios: tuple[float, ...] = ASPECT_RATIOS) -> list[tuple[int, int]]:
-    """``(height, width)`` per ratio: the largest multiples of ``multiple`` with ``h*w <= max_pixels``, ``w/h ~ ratio``."""
+                 ratios: tuple[float, ...] = ASPECT_RATIOS, tolerance: float = 0.1) -> list[tuple[int, int]]:
+    """``(height, width)`` per ratio: sides multiples of ``multiple``, ``h*w <= max_pixels``, ``|log(w/h / ratio)|``
+    within ``tolerance``, and the largest such area (ties: the closest ratio)."""
     sizes = []
     for ratio in ratios:
-        h = math.sqrt(max_pixels / ratio)
-        height = max(multiple, int(h // multiple) * multiple)
-        width = max(multiple, int((height * ratio) // multiple) * multiple)
-        while height * width > max_pixels and height > multiple:
-            height -= multiple
-            width = max(multiple, int((height * ratio) // multiple) * multiple)
+        best: tuple[float, float, int, int] | None = None  # (-area, error, h, w)
+        for height in range(multiple, max_pixels // multiple + 1, multiple):
+            fits = max_pixels // height // multiple * multiple
+            if fits < multiple:
+                break
+            width = min(fits, round(height * ratio / multiple) * multiple)
+            if width < multiple:
+                continue
+            error = abs(math.log(width / height / ratio))
+            key = (-(height * width) if error <= tolerance else 0, error, height, width)
+            if best is None or key < best:
+                best = key
+        _, _, height, width = best
         if height * width < min_pixels:
             raise ValueError(f"max_pixels={max_pixels} gives a {height}x{width} bucket below min_pixels={min_pixels}")
         sizes.append((height, width))
