@@ -126,6 +126,9 @@ class HubMixin:
             tmp_path = tmp.name
         try:
             save_file(tensors, tmp_path, metadata={"format": "pt", "library": "dualvitok"})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)  # temp files are created 0600; give the usual permissions
             os.replace(tmp_path, directory / WEIGHTS_NAME)
         finally:
             if os.path.exists(tmp_path):
