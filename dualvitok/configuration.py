@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ._utils import to_plain
 from .blocks.qwen2_vit import Qwen2VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -60,15 +61,7 @@ class _ConfigMixin:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable nested dict (tuples become lists)."""
-
-        def convert(value):
-            if dataclasses.is_dataclass(value):
-                return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-            if isinstance(value, (tuple, list)):
-                return [convert(v) for v in value]
-            return value
-
-        return convert(self)
+        return to_plain(self)
 
 
 @dataclass

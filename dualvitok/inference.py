@@ -3,9 +3,11 @@
 On CPUs with AMX-BF16 (and on GPUs) bfloat16 matrix and convolution kernels are several times faster than float32.
 :func:`optimize_for_inference` puts a DualViTok in eval mode, disables gradients, stores the weights of its
 convolution and linear layers in bfloat16 (so autocast does not re-cast ~1.3 B parameters on every call) with
-channels_last layout for 2D convolutions, and makes ``encode`` / ``decode`` run under autocast. Normalisation layers
-keep float32 weights (autocast runs them in float32); the quantizers keep float32 weights and always search in
-float32, and the RoPE tables and the semantic resize stay float32. Outputs are returned as float32.
+channels_last layout for 2D convolutions, and makes the vision tower and semantic decoder run under autocast
+(their norms in float32). The pixel decoder, most of the work, is converted to bfloat16 entirely, norms included,
+and runs without autocast, which keeps its large activations in bfloat16 between layers. The quantizers keep
+float32 weights and always search in float32; the RoPE tables and the semantic resize stay float32; with
+``exact_indices`` the encoders in front of the quantizers stay float32 too. Outputs are returned as float32.
 The float32 path stays the reference: compare with it via ``benchmarks/bench_tokenizer.py`` (quality guard).
 """
 
@@ -51,6 +53,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             module.to(dtype)
         if channels_last and isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    if dtype is not None:
+        # The pixel decoder (most of the work) runs natively in ``dtype``, norms included, without autocast: no
+        # float32 round trips of its large activations between convolutions and norms.
+        for module in (model.pixel_decoder, model.pixel_post_quant_conv):
+            module.to(dtype)
     model.autocast_dtype = dtype
     model.channels_last = channels_last
     model.exact_indices = exact_indices

@@ -230,8 +230,9 @@ class DualViTok(HubMixin, nn.Module):
         merged = self.merge_codes(semantic_codes, pixel_codes)
         if self.channels_last:
             merged = merged.contiguous(memory_format=torch.channels_last)
-        with self._compute_context(merged.device):
-            return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged).float()
+        if self.autocast_dtype is not None:  # fast path: the decoder was converted to this dtype, norms included
+            merged = merged.to(self.autocast_dtype)
+        return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged).float()
 
     def decode_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> Tensor:
         """Decode integer tokens: ``[B, hs, ws]``, ``[B, h, w]`` -> images ``[B, 3, 16h, 16w]``."""

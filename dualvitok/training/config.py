@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._utils import to_plain
+
 T = TypeVar("T")
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -158,17 +160,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict (tuples as lists)."""
-
-        def convert(value):
-            if dataclasses.is_dataclass(value):
-                return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-            if isinstance(value, (tuple, list)):
-                return [convert(v) for v in value]
-            if isinstance(value, dict):
-                return {k: convert(v) for k, v in value.items()}
-            return value
-
-        return convert(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
