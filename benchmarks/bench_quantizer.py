@@ -13,8 +13,8 @@ import argparse
 import gc
 
 import torch
-
 from _common import PeakMemory, best_time, machine, table
+
 from dualvitok.quantizers import DEFAULT_MEMORY_BUDGET, nearest_code, prepare_codebook
 
 

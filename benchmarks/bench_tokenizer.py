@@ -22,9 +22,9 @@ import gc
 import math
 
 import torch
+from _common import PeakMemory, gemm_peak, machine, table
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import PeakMemory, gemm_peak, machine, table
 from dualvitok import ImageProcessor
 from dualvitok.assets import sample_images
 from dualvitok.loading import load_model

@@ -57,8 +57,12 @@ class _Resolver:
             raise FileNotFoundError(f"{self.source!r} is not a model folder (no such directory) nor a Hub repo id "
                                     "(owner/name)")
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         try:
             return hf_hub_download(self.source, filename, revision=self.revision, cache_dir=self.cache_dir,

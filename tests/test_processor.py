@@ -39,7 +39,7 @@ def test_formats_are_converted_to_rgb(tmp_path, sample_image_paths):
     }
     for name, im in variants.items():
         im.save(tmp_path / name)
-    Image.fromarray((np.asarray(src.convert("L"), dtype=np.uint16) * 257)).save(tmp_path / "gray16.png")
+    Image.fromarray(np.asarray(src.convert("L"), dtype=np.uint16) * 257).save(tmp_path / "gray16.png")
     for path in tmp_path.iterdir():
         im = load_image(path)
         assert im.mode == "RGB" and im.size == (64, 48), path.name

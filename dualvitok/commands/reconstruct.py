@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"| image | size | semantic tokens | pixel tokens | PSNR (dB) |\n|---|---|---|---|---|")
+    print("| image | size | semantic tokens | pixel tokens | PSNR (dB) |\n|---|---|---|---|---|")
     for path in paths:
         x = processor(path).to(args.device)
         with torch.inference_mode():

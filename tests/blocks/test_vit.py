@@ -10,9 +10,9 @@ from dualvitok.blocks import (
     Qwen2VisionTower,
     VisionBlock,
     VisionRotaryEmbedding,
-    rotary_cos_sin,
     apply_rotary,
     grid_positions,
+    rotary_cos_sin,
 )
 
 
