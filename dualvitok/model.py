@@ -10,7 +10,6 @@ released checkpoint loads after :func:`dualvitok.convert.convert_reference_state
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any
@@ -74,9 +73,7 @@ class DualViTok(HubMixin, nn.Module):
         self.pixel_post_quant_conv = nn.Conv2d(pd.embed_dim, pd.z_channels, 1)
         self.pixel_decoder = MoVQDecoder(out_channels=pd.out_channels, zq_channels=pd.embed_dim, **_movq_kwargs(pd))
         self.downsample_factor = config.pixel_downsample_factor
-        self.autocast_dtype: torch.dtype | None = None  # set by optimize_for_inference (fast path)
-        self.channels_last = False
-        self.exact_indices = True
+        self.channels_last = False  # set by optimize_for_inference (fast path)
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------ init
@@ -141,17 +138,15 @@ class DualViTok(HubMixin, nn.Module):
     # ------------------------------------------------------------------------------------------ fast path
     def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                                exact_indices: bool = True) -> DualViTok:
-        """Opt-in fast path (bf16 autocast, weights cast once, channels_last convs); see :mod:`dualvitok.inference`."""
+        """Opt-in fast path (bf16 stages, channels_last convs, exact indices); see :mod:`dualvitok.inference`."""
         from .inference import optimize_for_inference
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices)
 
-    def _compute_context(self, device: torch.device, exact: bool = False):
-        """Autocast for the fast path; ``exact`` stages (the encoders feeding the quantizers) stay float32 when the
-        fast path was set up with ``exact_indices=True``."""
-        if self.autocast_dtype is None or (exact and self.exact_indices):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+    @staticmethod
+    def _stage_dtype(module: nn.Module) -> torch.dtype:
+        """The floating dtype a stage computes in (its first parameter's): float32, or bf16 on the fast path."""
+        return next(module.parameters()).dtype
 
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:
@@ -168,15 +163,14 @@ class DualViTok(HubMixin, nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         se = self.semantic_encoder
-        with self._compute_context(images.device):  # the frozen tower: bf16 on the fast path
-            pixel_values, grid_thw = self.semantic_preprocessor(images)
-            tower_features, target = se.forward_tower(pixel_values, grid_thw)
+        pixel_values, grid_thw = self.semantic_preprocessor(images)
+        tower_features, target = se.forward_tower(pixel_values, grid_thw)  # frozen tower: bf16 on the fast path
         hs, ws = se._grid(grid_thw)[1:]
-        with self._compute_context(images.device, exact=True):  # float32 unless the fast path is not exact
-            features = se.forward_head(target.float(), hs, ws)
-            sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
-            pixel_features = self.pixel_quant_conv(self.pixel_encoder(images)).float()
-            pix_q = self.pixel_quantizer(pixel_features)
+        features = se.forward_head(target.to(self._stage_dtype(se.proj_in)), hs, ws)
+        sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
+        pixel_features = self.pixel_quant_conv(self.pixel_encoder(images.to(self._stage_dtype(self.pixel_encoder))))
+        pixel_features = pixel_features.float()
+        pix_q = self.pixel_quantizer(pixel_features)
         semantic_features, semantic_target = se.to_map(features, hs, ws).float(), se.to_map(target, hs, ws).float()
         return DualViTokEncoding(
             semantic_indices=sem_q.indices,
@@ -230,8 +224,7 @@ class DualViTok(HubMixin, nn.Module):
         merged = self.merge_codes(semantic_codes, pixel_codes)
         if self.channels_last:
             merged = merged.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is not None:  # fast path: the decoder was converted to this dtype, norms included
-            merged = merged.to(self.autocast_dtype)
+        merged = merged.to(self._stage_dtype(self.pixel_decoder))  # bf16 on the fast path
         return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged).float()
 
     def decode_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> Tensor:
@@ -242,8 +235,7 @@ class DualViTok(HubMixin, nn.Module):
 
     def decode_semantic(self, semantic_codes: Tensor) -> Tensor:
         """Semantic decoder: ``[B, z_s, hs, ws] -> [B, C_vit, hs, ws]`` (compare with ``semantic_target``)."""
-        with self._compute_context(semantic_codes.device):
-            return self.semantic_decoder(semantic_codes).float()
+        return self.semantic_decoder(semantic_codes.to(self._stage_dtype(self.semantic_decoder))).float()
 
     def forward(self, images: Tensor) -> DualViTokOutput:
         """Encode and decode: images ``[B, 3, H, W]`` -> :class:`DualViTokOutput`."""

@@ -22,11 +22,11 @@ def test_weights_and_layouts(models):
     assert fast.semantic_encoder.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert fast.pixel_decoder.conv_in.weight.dtype == torch.bfloat16
     assert fast.pixel_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    # float32: quantizers, the tower's norms, and (exact_indices) the encoders in front of the quantizers
+    # float32: quantizers and (exact_indices) the encoders in front of the quantizers
     assert fast.pixel_quantizer.code_transform.weight.dtype == torch.float32
     assert fast.pixel_encoder.conv_in.weight.dtype == torch.float32
     assert fast.semantic_encoder.proj_out[0].weight.dtype == torch.float32
-    assert fast.semantic_encoder.model.blocks[0].norm1.weight.dtype == torch.float32
+    assert fast.semantic_encoder.model.blocks[0].norm1.weight.dtype == torch.bfloat16  # tower natively bf16
     # the pixel decoder runs natively in bf16, norms included
     assert fast.pixel_decoder.norm_out.norm_layer.weight.dtype == torch.bfloat16
     assert not any(p.requires_grad for p in fast.parameters())

@@ -84,7 +84,10 @@ class DCUpBlock2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = channel_to_space(self.conv(x))  # [B, 4 C_out, H, W] -> [B, C_out, 2H, 2W]
         if self.shortcut:
-            h = h + channel_to_space(x.repeat_interleave(self.repeats, dim=1))
+            if self.repeats == 4:  # C_out == C: repeat + pixel-shuffle is exactly nearest-neighbour 2x upsampling
+                h = h + F.interpolate(x, scale_factor=2.0, mode="nearest")
+            else:
+                h = h + channel_to_space(x.repeat_interleave(self.repeats, dim=1))
         return h
 
 

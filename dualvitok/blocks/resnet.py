@@ -7,6 +7,7 @@ Follows taming-transformers' ``ResnetBlock`` and MoVQGAN's conditioned variant (
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,8 +40,9 @@ class ResnetBlock2d(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq)))
-        h = self.conv2(self.dropout(F.silu(apply_norm(self.norm2, h, zq))))
+        inplace = not torch.is_grad_enabled()  # the norm outputs are temporaries: activate them in place
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq), inplace=inplace))
+        h = self.conv2(self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=inplace)))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h

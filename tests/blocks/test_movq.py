@@ -72,3 +72,15 @@ def test_encoder_output_shortcut_and_decoder_stem():
     plain = MoVQEncoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
                         use_dc_up_down_blocks=False)
     assert plain(x).shape == (1, 8, 8, 8)
+
+
+@pytest.mark.parametrize("zq_size, x_size, channels_last", [((2, 3), (8, 12), True), ((3, 3), (8, 8), False)])
+def test_spatial_norm_upsampling_paths_match_interpolation(zq_size, x_size, channels_last):
+    torch.manual_seed(0)
+    norm = SpatialNorm(32, 4)
+    x, zq = torch.randn(2, 32, *x_size), torch.randn(2, 4, *zq_size)
+    zq_up = F.interpolate(zq, size=x_size, mode="nearest")
+    expected = norm.norm_layer(x) * norm.conv_y(zq_up) + norm.conv_b(zq_up)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(norm(x, zq), expected, atol=1e-5, rtol=1e-5)
