@@ -92,6 +92,9 @@ def test_dtype_and_bf16_weights(tiny_model, tmp_path, image):
     tiny_model.save_pretrained(tmp_path / "m")
     model = DualViTok.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert next(model.pixel_decoder.parameters()).dtype == torch.bfloat16
+    with torch.inference_mode():
+        out = model(image)  # every stage computes in bf16; the quantizers search in float32
+    assert out.reconstruction.dtype == torch.float32 and out.reconstruction.shape == image.shape
 
 
 def test_push_to_hub_uploads_the_saved_files(tiny_model, monkeypatch):
