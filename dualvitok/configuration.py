@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._utils import to_plain
+from ._utils import atomic_write, to_plain
 from .blocks.qwen2_vit import Qwen2VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -177,11 +177,8 @@ class DualViTokConfig(_ConfigMixin):
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write the config as JSON (atomically: temp file, then rename)."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"model_type": "dualvitok", **self.to_dict()}, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps({"model_type": "dualvitok", **self.to_dict()}, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, strict: bool = True) -> DualViTokConfig:

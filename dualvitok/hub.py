@@ -20,6 +20,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from ._utils import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -126,17 +128,8 @@ class HubMixin:
         directory.mkdir(parents=True, exist_ok=True)
         self.config.to_json_file(directory / CONFIG_NAME)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
-            tmp_path = tmp.name
-        try:
-            save_file(tensors, tmp_path, metadata={"format": "pt", "library": "dualvitok"})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_path, 0o666 & ~umask)  # temp files are created 0600; give the usual permissions
-            os.replace(tmp_path, directory / WEIGHTS_NAME)
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
+        with atomic_write(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", "library": "dualvitok"})
         if push_to_hub:
             self.push_to_hub(**push_kwargs)
         return directory

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from ._utils import atomic_write
 
 INDEX_NAME = "index.jsonl"
 META_NAME = "meta.json"
@@ -72,14 +73,8 @@ class ShardWriter:
         if not self._records:
             return
         name = f"tokens-{self.next_shard:05d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_write(self.folder / name) as tmp:
             save_file(self._tensors, tmp)
-            os.replace(tmp, self.folder / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         with open(self.folder / INDEX_NAME, "a", encoding="utf-8") as f:
             for record in self._records:
                 f.write(json.dumps({**record, "shard": name}) + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ def _scan(folder: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .._utils import atomic_write
     from ..loading import load_model
     from ..processor import ImageProcessor
     from ..tokens import META_NAME, ShardWriter, read_index
@@ -64,9 +64,8 @@ def run(args: argparse.Namespace) -> int:
             "semantic_codebook_size": model.semantic_quantizer.codebook_size,
             "pixel_codebook_size": model.pixel_quantizer.codebook_size,
             "size": args.size, "max_pixels": args.max_pixels}
-    tmp = out / f"{META_NAME}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / META_NAME)
+    with atomic_write(out / META_NAME) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
 
     writer = ShardWriter(out, args.shard_size)
     pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}

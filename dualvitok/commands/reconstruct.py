@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .._utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,8 @@ def _psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save_png(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def run(args: argparse.Namespace) -> int:

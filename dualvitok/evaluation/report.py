@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .._utils import atomic_write
 from .runner import EvaluationResult
 from .state import atomic_write_text
 
@@ -92,9 +93,8 @@ def write_reports(result: EvaluationResult, output_dir: str | os.PathLike) -> di
     pairs = [p for p in pairs if not p.name.endswith(".tmp.png")]
     if pairs:
         paths["grid"] = out / "grid.png"
-        tmp = out / "grid.tmp.png"
-        make_grid(pairs).save(tmp)
-        os.replace(tmp, paths["grid"])
+        with atomic_write(paths["grid"]) as tmp:
+            make_grid(pairs).save(tmp, format="PNG")
     if result.fid_real is not None and result.fid_real.count >= 2:
         paths["fid_originals"] = result.fid_real.save(out / "fid_stats_originals.npz")
         paths["fid_reconstructions"] = result.fid_fake.save(out / "fid_stats_reconstructions.npz")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._utils import atomic_write
 from ..metrics.fid import GaussianStatistics
 from ..metrics.usage import DualCodebookUsage
 from ..quantizers import CodebookUsage
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @dataclass
@@ -100,9 +99,8 @@ class EvaluationState:
         folder.mkdir(parents=True, exist_ok=True)
         self.generation += 1
         tensor_path = folder / f"rank{rank}.safetensors"
-        tmp = tensor_path.with_name(tensor_path.name + ".tmp")
-        save_file(self.tensors(), str(tmp), metadata={"generation": str(self.generation)})
-        os.replace(tmp, tensor_path)
+        with atomic_write(tensor_path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata={"generation": str(self.generation)})
         atomic_write_text(folder / f"rank{rank}.json", json.dumps({"fingerprint": fingerprint, **self.to_json()}))
 
     @classmethod

@@ -15,7 +15,6 @@ Follows pytorch-fid (``pytorch_fid/fid_score.py``): statistics are the feature m
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .._utils import atomic_write
 
 
 def _as_float64(x, name: str) -> np.ndarray:
@@ -87,15 +88,8 @@ def save_statistics(path: str | os.PathLike, mu, sigma, num_samples: int | None 
     arrays = {"mu": _as_float64(mu, "mu"), "sigma": _as_float64(sigma, "sigma")}
     if num_samples is not None:
         arrays["num_samples"] = np.asarray(num_samples, dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, suffix=".npz") as tmp:  # numpy appends .npz to other names
+        np.savez_compressed(tmp, **arrays)
     return path
 
 

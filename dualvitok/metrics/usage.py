@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._utils import atomic_write
 from ..quantizers import CodebookUsage
 
 
@@ -46,7 +47,6 @@ class DualCodebookUsage:
     def save_histograms(self, path: str | os.PathLike) -> Path:
         """Write both histograms (int64 counts) to ``.npz`` with keys ``semantic`` and ``pixel`` (atomically)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, semantic=self.semantic.histogram().numpy(), pixel=self.pixel.histogram().numpy())
-        os.replace(tmp, path)
+        with atomic_write(path, suffix=".npz") as tmp:  # numpy appends .npz to other names
+            np.savez_compressed(tmp, semantic=self.semantic.histogram().numpy(), pixel=self.pixel.histogram().numpy())
         return path

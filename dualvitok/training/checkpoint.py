@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._utils import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "latest_checkpoint"]
 
@@ -48,20 +49,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             (``capture_rng_state`` already does).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, fsync=True) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
     _fsync_dir(path.parent)
 
 

@@ -7,12 +7,13 @@ values faint, a moving average solid) with axes labels; files are written atomic
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
+
+from .._utils import atomic_write
 
 __all__ = ["plot_loss_curve", "save_image_grid", "save_png_atomic"]
 
@@ -21,11 +22,8 @@ COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     """Save a PNG via a temp file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .._utils import atomic_write
 from ..configuration import DualViTokConfig
 from ..model import DualViTok
 from ..registry import get_config
@@ -182,9 +183,8 @@ class Trainer:
             name = "train_config.yaml"
         except ImportError:  # pragma: no cover
             text, name = json.dumps(self.config.to_dict(), indent=2), "train_config.json"
-        tmp = self.output_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.output_dir / name)
+        with atomic_write(self.output_dir / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------ data
     def _stage_index(self, step: int) -> int:
@@ -298,9 +298,8 @@ class Trainer:
         if self.dist.is_main and self.metrics_path.is_file():  # drop records written after the checkpoint
             lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-            os.replace(tmp, self.metrics_path)
+            with atomic_write(self.metrics_path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         logger.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------ one step

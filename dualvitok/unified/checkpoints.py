@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .._utils import atomic_write
 from ..model import DualViTok
 from .adapters import DualVisionTower
 from .config import UnifiedConfig
@@ -53,14 +53,8 @@ def save_unified(model, save_directory: str | os.PathLike) -> Path:
     tensors = {f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()}
     tensors.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
-        tmp_path = tmp.name
-    try:
-        save_file(tensors, tmp_path, metadata={"format": "pt", "library": "dualvitok"})
-        os.replace(tmp_path, directory / ADAPTERS_NAME)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    with atomic_write(directory / ADAPTERS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "library": "dualvitok"})
     model.config.to_json_file(directory / UNIFIED_CONFIG_NAME)
     return directory
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .._utils import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,8 @@ def generator_for(args: argparse.Namespace) -> torch.Generator:
 def save_image(image, path: str | os.PathLike) -> Path:
     """Save a PIL image atomically (format from the suffix, PNG by default)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from .._utils import atomic_write
 from .templates import SYSTEM_PROMPT
 
 
@@ -62,11 +61,8 @@ class UnifiedConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write JSON atomically."""
-        path = Path(path)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            tmp = f.name
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> UnifiedConfig:
