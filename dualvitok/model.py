@@ -165,7 +165,7 @@ class DualViTok(HubMixin, nn.Module):
         se = self.semantic_encoder
         pixel_values, grid_thw = self.semantic_preprocessor(images)
         tower_features, target = se.forward_tower(pixel_values, grid_thw)  # frozen tower: bf16 on the fast path
-        hs, ws = se._grid(grid_thw)[1:]
+        hs, ws = se.grid_size(grid_thw)[1:]
         features = se.forward_head(target.to(self._stage_dtype(se.proj_in)), hs, ws)
         sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
         pixel_features = self.pixel_quant_conv(self.pixel_encoder(images.to(self._stage_dtype(self.pixel_encoder))))

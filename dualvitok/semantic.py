@@ -143,7 +143,8 @@ class SemanticEncoder(_RopeTransformer):
         self.proj_in = nn.Linear(tower.hidden_size, config.embed_dim)
         self.proj_out = _projection(config.proj_layer, config.embed_dim, config.z_channels)
 
-    def _grid(self, grid_thw: Tensor) -> tuple[int, int, int]:
+    def grid_size(self, grid_thw: Tensor) -> tuple[int, int, int]:
+        """``(B, hs, ws)`` of the merged token grid; all images must share one grid."""
         grids = grid_thw.tolist()
         if any(g != grids[0] for g in grids):
             raise ValueError(f"all images of a batch must have the same semantic grid, got {grids}; group by size")
@@ -151,7 +152,7 @@ class SemanticEncoder(_RopeTransformer):
 
     def forward_tower(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
         """Frozen tower, no autograd: ``(tower_features, target)``, each ``[B, hs*ws, C_vit]``."""
-        batch, hs, ws = self._grid(grid_thw)
+        batch, hs, ws = self.grid_size(grid_thw)
         with torch.no_grad():
             tower_features = self.model(pixel_values, grid_thw)  # [B*hs*ws, C_vit]
             target = self.target_mlp(tower_features)
@@ -168,7 +169,7 @@ class SemanticEncoder(_RopeTransformer):
         return tokens.reshape(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2)
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> SemanticEncoderOutput:
-        _, hs, ws = self._grid(grid_thw)
+        _, hs, ws = self.grid_size(grid_thw)
         tower_features, target = self.forward_tower(pixel_values, grid_thw)
         features = self.forward_head(target, hs, ws)
         return SemanticEncoderOutput(*(self.to_map(t, hs, ws) for t in (features, target, tower_features)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -27,11 +26,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def _save_png(image, path: Path) -> None:
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
@@ -40,6 +34,7 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..assets import sample_images
     from ..loading import load_model
+    from ..metrics.psnr import psnr  # pure torch: needs no optional dependency
     from ..processor import ImageProcessor
 
     paths = [Path(p) for p in args.images] or sample_images()
@@ -57,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         _save_png(processor.postprocess(recon)[0], out_dir / f"{path.stem}_reconstruction.png")
         h, w = x.shape[-2:]
         print(f"| {path.name} | {h}x{w} | {enc.semantic_indices[0].numel()} | {enc.pixel_indices[0].numel()} "
-              f"| {_psnr_uint8(original, restored):.2f} |")
+              f"| {psnr(restored / 255.0, original / 255.0).item():.2f} |")
     print(f"\nreconstructions written to {out_dir}/")
     return 0
