@@ -45,6 +45,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             stages += [model.pixel_encoder, model.pixel_quant_conv, se.proj_in, se.blocks, se.proj_out]
         for stage in stages:
             stage.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "fused_inference"):  # fused conv + residual kernels, in-place epilogues (blocks.fused)
+            module.fused_inference = True
     if channels_last:
         for module in model.modules():
             if isinstance(module, nn.Conv2d):

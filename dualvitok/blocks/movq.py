@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -136,6 +137,8 @@ class MoVQDecoder(nn.Module):
     Shape: ``z [B, z_channels, h, w]``, ``zq [B, zq_channels, h, w]`` -> ``[B, out_channels, h*s, w*s]``.
     """
 
+    fused_inference = False  # in-place stem addition when autograd is off (see dualvitok.blocks.fused)
+
     def __init__(
         self,
         out_channels: int = 3,
@@ -178,7 +181,8 @@ class MoVQDecoder(nn.Module):
     def forward(self, z: Tensor, zq: Tensor) -> Tensor:
         h = self.conv_in(z)
         if self.use_dc:
-            h = h + z.repeat_interleave(self.stem_repeats, dim=1)  # [B, z, h, w] -> [B, C, h, w]
+            stem = z.repeat_interleave(self.stem_repeats, dim=1)  # [B, z, h, w] -> [B, C, h, w]
+            h = h.add_(stem) if self.fused_inference and not torch.is_grad_enabled() else h + stem
         h = self.mid(h, zq)
         for level in reversed(self.up):
             h = level(h, zq)

@@ -27,7 +27,12 @@ class SpatialNorm(nn.Module):
         zq_channels: channels of the conditioning map.
 
     Shape: ``x [B, f, H, W]``, ``zq [B, zq_channels, h, w]`` -> ``[B, f, H, W]``.
+
+    With ``fused_inference`` set and autograd off, the modulation is applied in place on the normalised temporary
+    (no second full-size output).
     """
+
+    fused_inference = False
 
     def __init__(self, channels: int, zq_channels: int, num_groups: int = 32, eps: float = 1e-6):
         super().__init__()
@@ -38,14 +43,16 @@ class SpatialNorm(nn.Module):
     def forward(self, x: Tensor, zq: Tensor) -> Tensor:
         y, b = self.conv_y(zq), self.conv_b(zq)  # 1x1 convs commute with nearest resizing: run them on the small map
         normed = self.norm_layer(x)
+        inplace = self.fused_inference and not torch.is_grad_enabled()  # normed is ours: modulate it in place
         (height, width), (h, w) = x.shape[-2:], y.shape[-2:]
         if (height, width) == (h, w):
-            return torch.addcmul(b, normed, y)  # GN(x) * y + b in one pass
+            return torch.addcmul(b, normed, y, out=normed if inplace else None)  # GN(x) * y + b in one pass
         if height % h == 0 and width % w == 0:
             # integer nearest upsampling as a broadcast: [B, C, h, s, w, t] views, nothing materialised at full size
             sh, sw = height // h, width // w
-            out = torch.addcmul(b[:, :, :, None, :, None], normed.unflatten(2, (h, sh)).unflatten(4, (w, sw)),
-                                y[:, :, :, None, :, None])  # [B, C, h, sh, w, sw]
+            normed6 = normed.unflatten(2, (h, sh)).unflatten(4, (w, sw))  # [B, C, h, sh, w, sw]
+            out = torch.addcmul(b[:, :, :, None, :, None], normed6, y[:, :, :, None, :, None],
+                                out=normed6 if inplace else None)
             return out.flatten(4, 5).flatten(2, 3)  # [B, C, H, W]
         y = F.interpolate(y, size=(height, width), mode="nearest")  # copies values: exact in any dtype
         b = F.interpolate(b, size=(height, width), mode="nearest")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import conv2d_add
 from .norm import apply_norm, make_norm
 
 
@@ -24,7 +25,13 @@ class ResnetBlock2d(nn.Module):
         dropout: dropout probability before ``conv2``.
 
     Shape: ``x [B, C_in, H, W]`` (and ``zq [B, zq_channels, h, w]``) -> ``[B, C_out, H, W]``.
+
+    With ``fused_inference`` set (by :func:`~dualvitok.inference.optimize_for_inference`) and autograd off, the
+    residual addition is fused into ``conv2`` (:func:`~dualvitok.blocks.fused.conv2d_add`) and the output reuses the
+    memory of ``x``: the input is overwritten, so pass a temporary (as the MoVQ encoder and decoder do).
     """
+
+    fused_inference = False
 
     def __init__(self, in_channels: int, out_channels: int | None = None, zq_channels: int | None = None,
                  dropout: float = 0.0):
@@ -42,7 +49,9 @@ class ResnetBlock2d(nn.Module):
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
         inplace = not torch.is_grad_enabled()  # the norm outputs are temporaries: activate them in place
         h = self.conv1(F.silu(apply_norm(self.norm1, x, zq), inplace=inplace))
-        h = self.conv2(self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=inplace)))
+        h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=inplace))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + h
+        if self.fused_inference and inplace:
+            return conv2d_add(self.conv2, h, x, inplace=True)  # x + conv2(h), written into x
+        return x + self.conv2(h)

@@ -1,0 +1,160 @@
+"""Fused inference kernels: conv + residual in one oneDNN call, in-place epilogues; blocks with and without them."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from dualvitok.blocks import AttnBlock2d, DCDownBlock2d, DCUpBlock2d, MoVQDecoder, MoVQEncoder, ResnetBlock2d
+from dualvitok.blocks import fused
+from dualvitok.inference import optimize_for_inference
+
+
+def _cl(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("x_cl,r_cl,kernel,stride,inplace", list(itertools.product((0, 1), (0, 1), (1, 3), (1, 2),
+                                                                                     (0, 1))))
+def test_conv2d_add_float32_equals_separate_ops(x_cl, r_cl, kernel, stride, inplace):
+    conv = nn.Conv2d(8, 12, kernel, stride=stride, padding=kernel // 2)
+    conv.weight.data = _cl(conv.weight.data, x_cl)
+    x = _cl(torch.randn(2, 8, 9, 7), x_cl)
+    with torch.inference_mode():
+        residual = _cl(torch.randn_like(conv(x)), r_cl)
+        expected = residual + conv(x)
+        given = residual.clone()
+        out = fused.conv2d_add(conv, x, given, inplace=bool(inplace))
+    assert torch.equal(out, expected)  # the float32 accumulator is the conv output: bit-identical
+    assert (out.data_ptr() == given.data_ptr()) == bool(inplace)
+
+
+def test_conv2d_add_bf16_rounds_once():
+    """In bf16 the fused sum is closer to the float32 result than bf16 conv followed by a bf16 add."""
+    conv32 = nn.Conv2d(64, 64, 3, padding=1)
+    x32, r32 = torch.randn(1, 64, 32, 32), torch.randn(1, 64, 32, 32)
+    conv16 = copy.deepcopy(conv32).to(torch.bfloat16)
+    x16, r16 = _cl(x32.bfloat16(), True), _cl(r32.bfloat16(), True)
+    conv16.weight.data = _cl(conv16.weight.data, True)
+    with torch.inference_mode():
+        exact = r16.float() + nn.functional.conv2d(x16.float(), conv16.weight.float(), conv16.bias.float(), padding=1)
+        separate = (r16 + conv16(x16)).float()
+        fused_out = fused.conv2d_add(conv16, x16, r16).float()
+    assert fused_out.dtype == torch.float32 and not fused._fusion_failed
+    assert (fused_out - exact).abs().mean() < (separate - exact).abs().mean()
+    assert torch.allclose(fused_out, exact, atol=0.05, rtol=0.01)
+
+
+def test_conv2d_add_keeps_autograd():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x, residual = torch.randn(1, 4, 6, 6, requires_grad=True), torch.randn(1, 4, 6, 6, requires_grad=True)
+    out = fused.conv2d_add(conv, x, residual, inplace=True)  # autograd on: plain, out of place
+    out.sum().backward()
+    assert out.data_ptr() != residual.data_ptr()
+    assert torch.equal(residual.grad, torch.ones_like(residual))
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_conv2d_add_falls_back_when_onednn_refuses(monkeypatch, caplog):
+    def refuse(inplace):
+        def op(*args):
+            raise RuntimeError("not supported in this build")
+        return op
+
+    monkeypatch.setattr(fused, "_mkldnn_op", refuse)
+    monkeypatch.setattr(fused, "_fusion_failed", False)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x, residual = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dualvitok.blocks.fused"):
+        out = fused.conv2d_add(conv, x, residual.clone())
+        again = fused.conv2d_add(conv, x, residual.clone())  # remembered: no second attempt, no second warning
+        expected = residual + conv(x)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert fused._fusion_failed
+    assert sum("unavailable" in r.message for r in caplog.records) == 1
+
+
+def _fused_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    fast = copy.deepcopy(module).to(dtype)
+    for m in fast.modules():
+        if hasattr(m, "fused_inference"):
+            m.fused_inference = True
+        if channels_last and isinstance(m, nn.Conv2d):
+            m.weight.data = _cl(m.weight.data, True)
+    return fast
+
+
+def _randomize_norms(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+
+
+BLOCKS = {
+    "resnet_spatial": (lambda: ResnetBlock2d(64, 64, zq_channels=8), (1, 64, 16, 16), True),
+    "resnet_shortcut": (lambda: ResnetBlock2d(32, 64, zq_channels=8), (1, 32, 16, 16), True),
+    "resnet_plain": (lambda: ResnetBlock2d(64, 64), (2, 64, 8, 8), False),
+    "attention_spatial": (lambda: AttnBlock2d(64, zq_channels=8), (1, 64, 8, 8), True),
+    "dc_up": (lambda: DCUpBlock2d(64), (1, 64, 8, 8), False),
+    "dc_up_repeat": (lambda: DCUpBlock2d(64, 32), (1, 64, 8, 8), False),
+    "dc_down": (lambda: DCDownBlock2d(64), (1, 64, 8, 8), False),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_blocks_match_plain_blocks_in_float32(name, channels_last):
+    make, shape, conditioned = BLOCKS[name]
+    block = make().eval()
+    _randomize_norms(block)
+    fast = _fused_copy(block, torch.float32, channels_last)
+    x, zq = torch.randn(shape), torch.randn(shape[0], 8, 4, 4)
+    args = (zq,) if conditioned else ()
+    with torch.inference_mode():
+        expected = block(x, *args)
+        given = _cl(x.clone(), channels_last)
+        out = fast(given, *args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_blocks_are_plain_when_autograd_is_on():
+    block = ResnetBlock2d(32, 32, zq_channels=8)
+    fast = _fused_copy(block, torch.float32, False)
+    x, zq = torch.randn(1, 32, 8, 8, requires_grad=True), torch.randn(1, 8, 4, 4)
+    x_before = x.detach().clone()
+    out = fast(x, zq)
+    out.square().sum().backward()
+    assert torch.equal(x.detach(), x_before)  # the input is left alone while training
+    assert torch.equal(out, block(x, zq))
+    assert all(p.grad is not None for p in fast.parameters())
+
+
+def test_fused_movq_encoder_decoder_bf16_close_to_float32():
+    torch.manual_seed(0)
+    kwargs = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(1,), z_channels=8)
+    encoder, decoder = MoVQEncoder(**kwargs).eval(), MoVQDecoder(**kwargs, zq_channels=8).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        z32 = encoder(x)
+        y32 = decoder(z32, z32)
+        fast_decoder = _fused_copy(decoder, torch.bfloat16, True)
+        z16 = _cl(z32.bfloat16(), True)
+        y16 = fast_decoder(z16.clone(), z16)
+        fast_encoder = _fused_copy(encoder, torch.float32, True)
+        z_fused = fast_encoder(_cl(x, True))
+    torch.testing.assert_close(z_fused, z32, rtol=1e-5, atol=1e-5)
+    rel = (y16.float() - y32).norm() / y32.norm()
+    assert rel < 0.02, rel
+
+
+def test_optimize_for_inference_switches_fused_kernels_on(tiny_model):
+    fast = optimize_for_inference(copy.deepcopy(tiny_model))
+    flags = [m.fused_inference for m in fast.modules() if hasattr(m, "fused_inference")]
+    assert flags and all(flags)
+    assert not any(m.fused_inference for m in tiny_model.modules() if hasattr(m, "fused_inference"))
