@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,8 @@ def _can_fuse(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
 
 def _mkldnn_op(inplace: bool):
     """The oneDNN convolution with a binary post-op (``other`` first when in place, ``X`` first otherwise)."""
-    return torch.ops.mkldnn._convolution_pointwise_.binary if inplace else torch.ops.mkldnn._convolution_pointwise.binary
+    ops = torch.ops.mkldnn
+    return ops._convolution_pointwise_.binary if inplace else ops._convolution_pointwise.binary
 
 
 def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dualvitok.blocks import AttnBlock2d, DCDownBlock2d, DCUpBlock2d, MoVQDecoder, MoVQEncoder, ResnetBlock2d
-from dualvitok.blocks import fused
+from dualvitok.blocks import AttnBlock2d, DCDownBlock2d, DCUpBlock2d, MoVQDecoder, MoVQEncoder, ResnetBlock2d, fused
 from dualvitok.inference import optimize_for_inference
 
 
