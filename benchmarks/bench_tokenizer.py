@@ -3,12 +3,14 @@
     python benchmarks/bench_tokenizer.py                       # released architecture, 256 and 512, batch 1 and 8
     python benchmarks/bench_tokenizer.py --sizes 256 --batches 1 --repeats 3
     python benchmarks/bench_tokenizer.py --model dualvitok_tiny --quality-only
+    python benchmarks/bench_tokenizer.py --sizes 256 --batches 1 --keep-freed-memory  # glibc keeps freed buffers
 
 Both paths run in one process, on the same model weights (random, or ``--model`` a checkpoint), with their timed calls
 interleaved so that machine noise affects both alike. The first configuration is warmed up and timed ``--repeats``
 times (best kept); later ones once (they are long on a 2-core CPU). encode+decode time = encode + decode (from
-indices); peak memory is the largest RSS increase during a call. "fast" is ``model.optimize_for_inference()`` (bf16 weights
-and autocast, channels_last convolutions, float32 encoders in front of the quantizers). FLOPs are counted with
+indices); peak memory is the largest RSS increase during a call (meaningless with ``--keep-freed-memory``, where the
+process keeps its peak). "fast" is ``model.optimize_for_inference()`` (bf16 stages, channels_last convolutions
+with fused residual additions, float32 encoders in front of the quantizers). FLOPs are counted with
 ``torch.utils.flop_counter`` on the float32 path; the achieved FLOP/s is compared with this machine's measured GEMM
 peak (``torch.mm`` of 2048x2048 operands) in float32 and bf16. The quality guard compares the fast path's
 reconstructions and indices with the float32 path's on the bundled real photos.
@@ -104,7 +106,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quality-sizes", type=int, nargs="*", default=[256], help="sizes of the quality guard")
     parser.add_argument("--quality-only", action="store_true")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="dualvitok.devices.keep_freed_cpu_memory() for the whole process (both paths)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from dualvitok.devices import keep_freed_cpu_memory
+
+        print(f"keep_freed_cpu_memory: {keep_freed_cpu_memory()}")
     torch.manual_seed(0)
     reference = load_model(args.model).eval().requires_grad_(False)
     fast = copy.deepcopy(reference).optimize_for_inference()

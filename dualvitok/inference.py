@@ -8,6 +8,10 @@ large activations between layers):
 * the frozen Qwen2-VL vision tower (its RoPE is still applied in float32),
 * the pixel decoder with ``pixel_post_quant_conv``, and the semantic decoder.
 
+The convolutional blocks switch to their inference kernels (:mod:`dualvitok.blocks.fused`): residual additions
+fused into the preceding convolution as a oneDNN post-op, and in-place epilogues on temporaries, which removes most
+of the full-resolution element-wise passes and freshly allocated outputs of the decoder.
+
 With ``exact_indices`` (default) the trainable encoders in front of the quantizers (the pixel encoder with
 ``pixel_quant_conv``, and the semantic head) stay float32, so pixel indices equal the float32 path's and semantic
 indices differ only where the bf16 tower moves a feature across a near tie. The quantizers always search in float32

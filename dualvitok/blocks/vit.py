@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rope import apply_rotary
+from .rope import apply_rotary, rotary_cos_sin
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -61,9 +61,13 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attn_mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # 3 x [B, L, H, hd]
-        if rope is not None:
-            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, hd]
+        if rope is not None:  # rotate q and k together: one set of element-wise passes for both
+            cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope  # [L, 1, hd]
+            q, k = apply_rotary(qkv[:, :, :2], (cos.unsqueeze(1), sin.unsqueeze(1))).unbind(2)  # 2 x [B, L, H, hd]
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        v = qkv[:, :, 2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))

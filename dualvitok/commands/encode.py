@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     p.add_argument("--device", default="cpu")
     p.add_argument("--fp32", action="store_true", help="use the float32 reference path instead of the fast path")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator settings alone (by default freed large CPU buffers are kept for "
+                        "reuse, see dualvitok.devices.keep_freed_cpu_memory)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     todo = [p for p in paths if p.relative_to(folder).as_posix() not in done]
     logger.info("%d images found, %d already encoded, %d to do", len(paths), len(paths) - len(todo), len(todo))
     model = load_model(args.model, device=args.device)
+    if next(model.parameters()).device.type == "cpu" and not args.default_malloc:
+        from ..devices import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
     if not args.fp32:
         model.optimize_for_inference()
     processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
