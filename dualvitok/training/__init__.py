@@ -1,7 +1,7 @@
 """Training DualViTok (extra ``train``): losses, PatchGAN discriminator, trainer, checkpoints, samplers.
 
-``DualViTokLoss`` follows the ILLUME+ reference losses; the trainer adds DDP, exact resume, progressive resolution
-and logging. Heavy optional dependencies (``lpips``, ``yaml``) are imported where they are used.
+``DualViTokLoss`` follows the ILLUME+ reference losses; the trainer adds DDP or FSDP, exact resume, progressive
+resolution and logging. Heavy optional dependencies (``lpips``, ``yaml``) are imported where they are used.
 """
 
 from .checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint

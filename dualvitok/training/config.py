@@ -142,10 +142,13 @@ class RunConfig:
     num_samples: int = 4
     threads: int | None = None  # torch.set_num_threads on CPU
     device: str | None = None  # default: cuda if available else cpu
+    parallel: str = "ddp"  # under torchrun: 'ddp' (replicated model) or 'fsdp' (sharded; see dualvitok.training.fsdp)
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"run.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"run.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
 
 
 @dataclass

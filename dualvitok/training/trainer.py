@@ -1,4 +1,4 @@
-"""The DualViTok trainer: alternating generator / discriminator updates, DDP, progressive resolution, exact resume.
+"""The DualViTok trainer: generator / discriminator updates, DDP or FSDP, progressive resolution, exact resume.
 
 Follows the ILLUME+ training loop (``train_dualvitok.py``; ``../shared/reference/dualvitok.md`` section 6): Adam with
 betas (0.9, 0.95), separate gradient clipping of generator and discriminator, bf16 autocast, constant LR, the loss's
@@ -35,6 +35,7 @@ from .data import BatchDataset, TrainImageDataset, collect_sources
 from .distributed import DistInfo, all_reduce_mean, init_distributed
 from .dualvitok_loss import DualViTokLoss
 from .ema import ModelEMA
+from .fsdp import full_model_state, full_optimizer_state, full_tensor, load_full_state, shard_like, shard_model
 from .plotting import plot_loss_curve, save_image_grid
 from .samplers import SampleSpec, assign_buckets, bucket_sizes, epoch_batches
 
@@ -107,7 +108,8 @@ class Trainer:
         max_steps: overrides ``config.run.max_steps``.
         progress: show a tqdm progress bar (main process only).
 
-    Under ``torchrun`` each process trains on its slice of every global batch (gloo on CPU, nccl on GPU).
+    Under ``torchrun`` each process trains on its slice of every global batch (gloo on CPU, nccl on GPU), with the
+    model replicated (``run.parallel: ddp``) or sharded (``fsdp``, :mod:`dualvitok.training.fsdp`).
     """
 
     def __init__(self, config: TrainConfig, output_dir: str | os.PathLike, resume: bool = False,
@@ -139,19 +141,30 @@ class Trainer:
 
         self.model = build_model(cfg).to(self.device).train()
         self.loss_fn = DualViTokLoss(cfg.loss).to(self.device).train()
+        self.fsdp = self.dist.enabled and run.parallel == "fsdp"
+        if run.parallel == "fsdp" and not self.dist.enabled:
+            logger.info("run.parallel: fsdp needs several processes (torchrun); training one unsharded model")
+        if self.fsdp:
+            if cfg.loss.disc_adaptive_weight:
+                raise ValueError("loss.disc_adaptive_weight needs the decoder's full last-layer gradient, which FSDP "
+                                 "shards; use run.parallel: ddp or turn the adaptive weight off")
+            shard_model(self.model, self.device.type, self.dist.world_size)  # before the optimizer: new parameters
+            local = sum(p.to_local().numel() for p in self.model.parameters())
+            total = sum(p.numel() for p in self.model.parameters())
+            logger.info("FSDP: rank %d holds %d of %d parameter elements", self.dist.rank, local, total)
         opt = cfg.optimizer
         gen_params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt_g = _make_optimizer(gen_params, opt, opt.lr)
         self.opt_d = _make_optimizer(self.loss_fn.discriminator.parameters(), opt, opt.disc_lr or opt.lr)
         self.sched_g = _make_scheduler(self.opt_g, opt)
         self.sched_d = _make_scheduler(self.opt_d, opt)
-        self.ema = ModelEMA(self.model, run.ema_decay) if run.ema_decay else None
+        self.ema = ModelEMA(self.model, run.ema_decay) if run.ema_decay else None  # sharded like the model
 
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model: nn.Module = DDP(self.model, device_ids=ids)
+            self.ddp_model: nn.Module = self.model if self.fsdp else DDP(self.model, device_ids=ids)
             self.ddp_disc: nn.Module = DDP(self.loss_fn.discriminator, device_ids=ids)
         else:
             self.ddp_model, self.ddp_disc = self.model, self.loss_fn.discriminator
@@ -241,30 +254,48 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (tensors, optimizer states, numbers, strings)."""
+        """Everything a resume needs (tensors, optimizer states, numbers, strings).
+
+        With FSDP this is a collective (every process must call it) and the tensors are complete on rank 0 only.
+        """
+        if self.fsdp:
+            model_state, optimizer_state = full_model_state(self.model), full_optimizer_state(self.model, self.opt_g)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.opt_g.state_dict()
         return {
             "format": "dualvitok-train-checkpoint/1",
+            "parallel": "fsdp" if self.fsdp else "ddp",
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": model_state,
             "model_config": self.model.config.to_dict(),
             "discriminator": self.loss_fn.discriminator.state_dict(),
-            "optimizer": self.opt_g.state_dict(),
+            "optimizer": optimizer_state,
             "optimizer_disc": self.opt_d.state_dict(),
             "scheduler": self.sched_g.state_dict(),
             "scheduler_disc": self.sched_d.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self._ema_state(),
             "rng": capture_rng_state(),
             "data": dict(self.data_state),
             "train_config": self.config.to_dict(),
             "world_size": self.dist.world_size,
         }
 
+    def _ema_state(self) -> dict | None:
+        """The EMA state with full tensors (a collective with FSDP, whose EMA shadows are sharded)."""
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        if self.fsdp:
+            state["shadow"] = {k: full_tensor(v).cpu() for k, v in state["shadow"].items()}
+        return state
+
     def save(self) -> Path | None:
         """Write ``checkpoints/checkpoint-<step>.pt`` (main process) and prune old ones."""
         path = self.checkpoint_dir / f"checkpoint-{self.step:08d}.pt"
         self._last_saved_step = self.step
+        state = self.state_dict() if self.dist.is_main or self.fsdp else None  # FSDP: every rank gathers
         if self.dist.is_main:
-            save_checkpoint(path, self.state_dict())
+            save_checkpoint(path, state)
             keep = max(1, self.config.run.keep_checkpoints)
             old = sorted(self.checkpoint_dir.glob("checkpoint-*.pt"))[:-keep]
             for p in old:
@@ -282,16 +313,27 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning("resuming a %s-process run with %s processes: the data order changes",
                            state.get("world_size"), self.dist.world_size)
-        self.model.load_state_dict(state["model"])
+        saved_mode, mode = state.get("parallel", "ddp"), "fsdp" if self.fsdp else "ddp"
+        if saved_mode != mode:
+            raise ValueError(f"{path} was written by a {saved_mode.upper()} run; resume it with "
+                             f"run.parallel: {saved_mode} (its optimizer state is stored differently)")
+        if self.fsdp:
+            load_full_state(self.model, self.opt_g, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.opt_g.load_state_dict(state["optimizer"])
         self.loss_fn.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["optimizer"])
         self.opt_d.load_state_dict(state["optimizer_disc"])
         self.sched_g.load_state_dict(state["scheduler"])
         self.sched_d.load_state_dict(state["scheduler_disc"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise ValueError("the checkpoint has no EMA but run.ema_decay is set")
-            self.ema.load_state_dict(state["ema"])
+            ema_state = state["ema"]
+            if self.fsdp:  # keep this process's shard of each full EMA tensor
+                ema_state = dict(ema_state, shadow={k: shard_like(v, self.ema.shadow[k])
+                                                    for k, v in ema_state["shadow"].items() if k in self.ema.shadow})
+            self.ema.load_state_dict(ema_state)
         self.step = int(state["step"])
         self.data_state = dict(state["data"])
         restore_rng_state(state["rng"])
@@ -325,7 +367,7 @@ class Trainer:
         if cfg.optimizer.grad_clip:
             gnorm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                    cfg.optimizer.grad_clip)
-            record["grad_norm"] = float(gnorm)
+            record["grad_norm"] = float(full_tensor(gnorm))
         self.opt_g.step()
         record["lr"] = self.sched_g.get_last_lr()[0]
         self.sched_g.step()
@@ -368,23 +410,37 @@ class Trainer:
         rng = capture_rng_state()  # sampling must not disturb the training random stream
         try:
             x = images[: self.config.run.num_samples].to(self.device)
-            recon = self.model(x).reconstruction
+            recon = self.model(x).reconstruction  # with FSDP every rank runs this (collectives); rank 0 writes
             path = self.output_dir / "samples" / f"step-{self.step:08d}.png"
-            save_image_grid([x, recon], path)
+            if self.dist.is_main:
+                save_image_grid([x, recon], path)
         finally:
             restore_rng_state(rng)
             self.model.train(was_training)
         return path
 
-    def save_final(self) -> Path:
-        """``final/`` (``save_pretrained``; EMA weights when EMA is on)."""
+    def save_final(self) -> Path | None:
+        """``final/`` (``save_pretrained``; EMA weights when EMA is on), written by rank 0.
+
+        With FSDP every process must call this (the weights are gathered); the others return ``None``.
+        """
         folder = self.output_dir / "final"
-        if self.ema is not None:
-            model = build_model(self.config)
-            model.load_state_dict(self.model.state_dict())
-            self.ema.copy_to(model)
+        if self.fsdp:
+            weights, ema = full_model_state(self.model), self._ema_state()
+        elif self.ema is not None:
+            weights, ema = self.model.state_dict(), self.ema.state_dict()
         else:
-            model = self.model
+            weights, ema = None, None
+        if not self.dist.is_main:
+            return None
+        model = self.model
+        if weights is not None:
+            model = build_model(self.config)
+            model.load_state_dict(weights)
+            if ema is not None:
+                for name, p in model.named_parameters():
+                    if name in ema["shadow"]:
+                        p.data.copy_(ema["shadow"][name].to(p.dtype))
         model.save_pretrained(folder)
         return folder
 
@@ -420,8 +476,8 @@ class Trainer:
                     logger.info("step %d loss %.4f rec %.4f", self.step, record["loss"], record["rec_loss"])
                 if run.plot_every and self.step % run.plot_every == 0:
                     plot_loss_curve(self._read_metrics(), self.output_dir / "loss_curve.png")
-                if run.sample_every and self.step % run.sample_every == 0:
-                    self.save_samples(images)
+            if run.sample_every and self.step % run.sample_every == 0 and (self.dist.is_main or self.fsdp):
+                self.save_samples(images)
             if run.checkpoint_every and self.step % run.checkpoint_every == 0 and self.step < self.max_steps:
                 self.save()
         if bar is not None:
@@ -431,5 +487,6 @@ class Trainer:
         final = None
         if self.dist.is_main:
             plot_loss_curve(self._read_metrics(), self.output_dir / "loss_curve.png")
+        if self.dist.is_main or self.fsdp:
             final = self.save_final()
         return TrainResult(self.step, None if last is None else last["loss"], self.output_dir, final)

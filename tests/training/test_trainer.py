@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,7 @@ def _run_cli(args, nproc: int | None, cwd):
         cmd = [sys.executable, "-m", "dualvitok.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def test_ddp_two_processes_equal_one_process_with_combined_batch(tmp_path):
@@ -123,6 +125,56 @@ def test_ddp_two_processes_equal_one_process_with_combined_batch(tmp_path):
     assert d1.norm() > 0.01  # the weights moved
     # same update up to float reordering of the gradient sum (Adam can amplify it for near-zero gradients)
     assert (d1 - d2).norm() / d1.norm() < 1e-3, ((d1 - d2).norm() / d1.norm()).item()
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
+    """run.parallel: fsdp under torchrun (gloo, 2 CPU processes x batch 2) == 1 process x batch 4, EMA included; and
+    2 FSDP steps + a resume for 2 more == 4 FSDP steps in one go."""
+    base = tiny_config(max_steps=4).to_dict()
+    base["model"]["overrides"] = {}
+    base["loss"]["disc_start"] = 10**6
+    one, two = json.loads(json.dumps(base)), json.loads(json.dumps(base))
+    one["data"]["batch_size"] = 4
+    two["run"]["parallel"] = "fsdp"
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    _run_cli(["train", "--config", "one.yaml", "--output", "out1", "--no-progress"], None, tmp_path)
+    log = _run_cli(["train", "--config", "two.yaml", "--output", "out2", "--no-progress"], 2, tmp_path).stderr
+    held = [tuple(map(int, m)) for m in re.findall(r"FSDP: rank \d holds (\d+) of (\d+) parameter elements", log)]
+    assert len(held) == 2 and all(local < 0.6 * total for local, total in held), held  # each holds about half
+    assert sum(local for local, _ in held) >= held[0][1]
+    _run_cli(["train", "--config", "two.yaml", "--output", "split", "--no-progress", "--max-steps", "2"], 2, tmp_path)
+    state = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint-00000002.pt")
+    assert state["parallel"] == "fsdp"
+    assert all(not hasattr(v, "device_mesh") for v in state["model"].values())  # full tensors, loadable anywhere
+    _run_cli(["train", "--config", "two.yaml", "--output", "split", "--no-progress", "--resume"], 2, tmp_path)
+
+    r1, r2, r3 = records(tmp_path / "out1"), records(tmp_path / "out2"), records(tmp_path / "split")
+    assert [r["batch"] for r in r2] == [4] * 4 and [r["step"] for r in r3] == [1, 2, 3, 4]
+    for a, b in zip(r1, r2, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    for a, b in zip(r2, r3, strict=True):  # resume under FSDP continues exactly
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    w1, w2, w3 = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("out1", "out2", "split"))
+    from dualvitok.training import build_model
+
+    torch.manual_seed(3)  # the trainer's initialisation
+    w0 = build_model(TrainConfig.from_dict(one)).state_dict()
+    keys = [k for k in w0 if w0[k].is_floating_point()]
+    d1 = torch.cat([(w1[k] - w0[k]).flatten() for k in keys])  # final = EMA weights
+    d2 = torch.cat([(w2[k] - w0[k]).flatten() for k in keys])
+    assert d1.norm() > 0.01
+    assert (d1 - d2).norm() / d1.norm() < 1e-3, ((d1 - d2).norm() / d1.norm()).item()
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_fsdp_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="run.parallel"):
+        tiny_config(parallel="zero3")
+    cfg = tiny_config(parallel="fsdp")  # a single process: trains unsharded
+    Trainer(cfg, tmp_path, max_steps=1, progress=False).train()
+    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint-00000001.pt")
+    assert state["parallel"] == "ddp"
 
 
 def test_progressive_stages_buckets_and_bf16(tmp_path):
