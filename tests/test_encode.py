@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -42,3 +43,27 @@ def test_encode_folder_matches_direct_encoding_and_resumes(tiny_model, tmp_path,
 def test_encode_missing_folder_is_a_clear_error(tmp_path, capsys):
     code = main(["encode", str(tmp_path / "nope"), "--output", str(tmp_path / "t"), "--model", "dualvitok_tiny"])
     assert code == 1 and "not a folder" in capsys.readouterr().err
+
+
+def test_encode_fast_path_equals_the_optimized_model(tiny_model, tmp_path, sample_image_paths):
+    """The default (fast) path writes what ``optimize_for_inference()`` encodes; pixel tokens equal float32 ones."""
+    tiny_model.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sample_image_paths[:2]:
+        shutil.copy(p, images / p.name)
+    args = ["encode", str(images), "--output", str(tmp_path / "tokens"), "--model", str(tmp_path / "model"),
+            "--size", "64", "64", "--default-malloc"]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["fast_path"] is True
+    reference = DualViTok.from_pretrained(tmp_path / "model")
+    fast = DualViTok.from_pretrained(tmp_path / "model").optimize_for_inference()
+    processor = ImageProcessor(size=(64, 64))
+    for r in iter_tokens(tmp_path / "tokens"):
+        x = processor(images / r.path)
+        with torch.inference_mode():
+            enc, enc32 = fast.encode(x), reference.encode(x)
+        assert torch.equal(r.semantic_indices, enc.semantic_indices[0])
+        assert torch.equal(r.pixel_indices, enc.pixel_indices[0])
+        assert torch.equal(r.pixel_indices, enc32.pixel_indices[0])
