@@ -75,7 +75,17 @@ def keep_freed_cpu_memory(threshold: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    log = logging.getLogger(__name__)
     threshold = min(int(threshold), 2**31 - 1)
-    applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    logging.getLogger(__name__).info("keep_freed_cpu_memory(%d): %s", threshold, "applied" if applied else "refused")
-    return applied
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    if not mmap_set and threshold > 32 << 20:  # some glibc builds cap the mmap threshold at HEAP_MAX_SIZE / 2
+        threshold = 32 << 20
+        mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    if not (mmap_set and trim_set):
+        log.warning("keep_freed_cpu_memory: the C library refused mallopt (mmap threshold %s, trim threshold %s); "
+                    "freed buffers are still returned to the OS", "set" if mmap_set else "refused",
+                    "set" if trim_set else "refused")
+        return False
+    log.info("keep_freed_cpu_memory: buffers up to %d bytes come from the heap and are kept when freed", threshold)
+    return True

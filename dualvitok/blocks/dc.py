@@ -61,7 +61,8 @@ class DCDownBlock2d(nn.Module):
         h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
         if self.shortcut:
             shortcut = channel_average(space_to_channel(x), self.out_channels)  # [B, 4C, H/2, W/2] -> [B, C_out, ..]
-            h = h.add_(shortcut) if self.fused_inference and not torch.is_grad_enabled() else h + shortcut
+            inplace = self.fused_inference and not torch.is_grad_enabled() and h.dtype == shortcut.dtype
+            h = h.add_(shortcut) if inplace else h + shortcut
         return h
 
 
@@ -90,7 +91,7 @@ class DCUpBlock2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = channel_to_space(self.conv(x))  # [B, 4 C_out, H, W] -> [B, C_out, 2H, 2W]
         if self.shortcut:
-            if self.repeats == 4 and self.fused_inference and not torch.is_grad_enabled():
+            if self.repeats == 4 and self.fused_inference and not torch.is_grad_enabled() and h.dtype == x.dtype:
                 # nearest 2x upsampling as a broadcast over [B, C, H, 2, W, 2] views of h, added in place
                 h.unflatten(2, (x.shape[2], 2)).unflatten(4, (x.shape[3], 2)).add_(x[:, :, :, None, :, None])
             elif self.repeats == 4:  # C_out == C: repeat + pixel-shuffle is exactly nearest-neighbour 2x upsampling

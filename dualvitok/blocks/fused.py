@@ -12,9 +12,10 @@ of their freshly allocated outputs. Two kernels remove most of that work:
 
 Blocks use them only when their ``fused_inference`` attribute is set (by
 :func:`dualvitok.inference.optimize_for_inference`) *and* autograd is off, so training and the float32 reference
-path run the plain operators. The oneDNN operator (``torch.ops.mkldnn._convolution_pointwise``, the one Inductor
-uses for the same fusion on CPU) is internal to PyTorch: where it is missing or refuses the arguments, the plain
-operators run instead.
+path run the plain operators; in-place additions are used only where both operands have the same dtype (under
+autocast they may not). The oneDNN operator (``torch.ops.mkldnn._convolution_pointwise``, the one Inductor uses for
+the same fusion on CPU) is internal to PyTorch: where it is missing, disabled (``torch.backends.mkldnn.enabled``),
+under autocast, or refuses a kind of arguments, the plain operators run instead (refused kinds are remembered).
 """
 
 from __future__ import annotations
@@ -27,21 +28,37 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
-_fusion_failed = False  # set once the oneDNN operator has refused a call in this process
+_refused: set[tuple] = set()  # argument kinds the oneDNN operator has refused in this process
 
 
-def _can_fuse(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
+def _kind(x: Tensor, residual: Tensor, inplace: bool) -> tuple:
+    return (x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+            residual.is_contiguous(memory_format=torch.channels_last), inplace)
+
+
+def _conv_out_shape(conv: nn.Conv2d, x: Tensor) -> tuple[int, ...]:
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip(x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride,
+                                     strict=True)]
+    return (x.shape[0], conv.out_channels, *size)
+
+
+def _can_fuse(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool) -> bool:
     return (
-        not _fusion_failed
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype in _FUSED_DTYPES
         and x.dim() == 4
         and residual.dtype == x.dtype
         and conv.weight.dtype == x.dtype
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
+        and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+        and (residual.is_contiguous() or residual.is_contiguous(memory_format=torch.channels_last))  # no broadcast
+        and tuple(residual.shape) == _conv_out_shape(conv, x)
+        and _kind(x, residual, inplace) not in _refused
     )
 
 
@@ -64,17 +81,22 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
         ``[B, C_out, H', W']``. Outside CPU inference (autograd on, other devices or dtypes) this is the plain
         ``residual + conv(x)``.
     """
-    global _fusion_failed
-    if torch.is_grad_enabled() or not _can_fuse(conv, x, residual):
-        return residual.add_(conv(x)) if inplace and not torch.is_grad_enabled() else residual + conv(x)
+    if torch.is_grad_enabled() or not _can_fuse(conv, x, residual, inplace):
+        h = conv(x)
+        if inplace and not torch.is_grad_enabled() and h.dtype == residual.dtype and h.shape == residual.shape:
+            return residual.add_(h)
+        return residual + h
     args = (x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "add", None, None, [], None)
     try:
         if inplace:
             return _mkldnn_op(inplace=True)(residual, *args)
         return _mkldnn_op(inplace=False)(x, residual, *args[1:])
-    except RuntimeError as err:  # an unsupported layout or build: remember, and use the plain operators
-        _fusion_failed = True
-        logger.warning("fused convolution + addition unavailable (%s); using separate operators", err)
+    except RuntimeError as err:  # an unsupported layout or build: remember this kind, use the plain operators
+        if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+            raise
+        _refused.add(_kind(x, residual, inplace))
+        logger.warning("fused convolution + addition unavailable for %s (%s); using separate operators",
+                       _kind(x, residual, inplace), err)
         return residual + conv(x)
 

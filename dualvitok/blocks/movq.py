@@ -182,7 +182,8 @@ class MoVQDecoder(nn.Module):
         h = self.conv_in(z)
         if self.use_dc:
             stem = z.repeat_interleave(self.stem_repeats, dim=1)  # [B, z, h, w] -> [B, C, h, w]
-            h = h.add_(stem) if self.fused_inference and not torch.is_grad_enabled() else h + stem
+            inplace = self.fused_inference and not torch.is_grad_enabled() and h.dtype == stem.dtype
+            h = h.add_(stem) if inplace else h + stem
         h = self.mid(h, zq)
         for level in reversed(self.up):
             h = level(h, zq)

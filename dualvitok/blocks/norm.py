@@ -43,7 +43,8 @@ class SpatialNorm(nn.Module):
     def forward(self, x: Tensor, zq: Tensor) -> Tensor:
         y, b = self.conv_y(zq), self.conv_b(zq)  # 1x1 convs commute with nearest resizing: run them on the small map
         normed = self.norm_layer(x)
-        inplace = self.fused_inference and not torch.is_grad_enabled()  # normed is ours: modulate it in place
+        # normed is ours: modulate it in place (where that keeps the dtype type promotion would give)
+        inplace = self.fused_inference and not torch.is_grad_enabled() and normed.dtype == y.dtype == b.dtype
         (height, width), (h, w) = x.shape[-2:], y.shape[-2:]
         if (height, width) == (h, w):
             return torch.addcmul(b, normed, y, out=normed if inplace else None)  # GN(x) * y + b in one pass

@@ -141,7 +141,7 @@ class Trainer:
 
         self.model = build_model(cfg).to(self.device).train()
         self.loss_fn = DualViTokLoss(cfg.loss).to(self.device).train()
-        self.fsdp = self.dist.enabled and run.parallel == "fsdp"
+        self.fsdp = self.dist.enabled and run.parallel == "fsdp"  # sharded; checkpoints store states by name
         if run.parallel == "fsdp" and not self.dist.enabled:
             logger.info("run.parallel: fsdp needs several processes (torchrun); training one unsharded model")
         if self.fsdp:
@@ -258,13 +258,13 @@ class Trainer:
 
         With FSDP this is a collective (every process must call it) and the tensors are complete on rank 0 only.
         """
-        if self.fsdp:
+        if self.config.run.parallel == "fsdp":  # also unsharded (one process): the same checkpoint format
             model_state, optimizer_state = full_model_state(self.model), full_optimizer_state(self.model, self.opt_g)
         else:
             model_state, optimizer_state = self.model.state_dict(), self.opt_g.state_dict()
         return {
             "format": "dualvitok-train-checkpoint/1",
-            "parallel": "fsdp" if self.fsdp else "ddp",
+            "parallel": self.config.run.parallel,
             "step": self.step,
             "model": model_state,
             "model_config": self.model.config.to_dict(),
@@ -285,8 +285,13 @@ class Trainer:
         if self.ema is None:
             return None
         state = self.ema.state_dict()
-        if self.fsdp:
-            state["shadow"] = {k: full_tensor(v).cpu() for k, v in state["shadow"].items()}
+        if self.fsdp:  # gathered one tensor at a time, kept on rank 0 only
+            shadow = {}
+            for k, v in state["shadow"].items():
+                full = full_tensor(v)
+                if self.dist.is_main:
+                    shadow[k] = full.cpu()
+            state["shadow"] = shadow
         return state
 
     def save(self) -> Path | None:
@@ -313,11 +318,12 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             logger.warning("resuming a %s-process run with %s processes: the data order changes",
                            state.get("world_size"), self.dist.world_size)
-        saved_mode, mode = state.get("parallel", "ddp"), "fsdp" if self.fsdp else "ddp"
+        saved_mode, mode = state.get("parallel", "ddp"), self.config.run.parallel
         if saved_mode != mode:
-            raise ValueError(f"{path} was written by a {saved_mode.upper()} run; resume it with "
-                             f"run.parallel: {saved_mode} (its optimizer state is stored differently)")
-        if self.fsdp:
+            raise ValueError(f"{path} was written with run.parallel: {saved_mode}; resume it with run.parallel: "
+                             f"{saved_mode} (the optimizer state is stored by parameter name under fsdp, by index "
+                             "under ddp)")
+        if mode == "fsdp":
             load_full_state(self.model, self.opt_g, state["model"], state["optimizer"])
         else:
             self.model.load_state_dict(state["model"])

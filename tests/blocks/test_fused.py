@@ -44,7 +44,7 @@ def test_conv2d_add_bf16_rounds_once():
         exact = r16.float() + nn.functional.conv2d(x16.float(), conv16.weight.float(), conv16.bias.float(), padding=1)
         separate = (r16 + conv16(x16)).float()
         fused_out = fused.conv2d_add(conv16, x16, r16).float()
-    assert fused_out.dtype == torch.float32 and not fused._fusion_failed
+    assert fused_out.dtype == torch.float32 and not fused._refused
     assert (fused_out - exact).abs().mean() < (separate - exact).abs().mean()
     assert torch.allclose(fused_out, exact, atol=0.05, rtol=0.01)
 
@@ -60,22 +60,64 @@ def test_conv2d_add_keeps_autograd():
 
 
 def test_conv2d_add_falls_back_when_onednn_refuses(monkeypatch, caplog):
+    calls = []
+
     def refuse(inplace):
         def op(*args):
+            calls.append(inplace)
             raise RuntimeError("not supported in this build")
         return op
 
     monkeypatch.setattr(fused, "_mkldnn_op", refuse)
-    monkeypatch.setattr(fused, "_fusion_failed", False)
+    monkeypatch.setattr(fused, "_refused", set())
     conv = nn.Conv2d(4, 4, 3, padding=1)
     x, residual = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="dualvitok.blocks.fused"):
         out = fused.conv2d_add(conv, x, residual.clone())
-        again = fused.conv2d_add(conv, x, residual.clone())  # remembered: no second attempt, no second warning
+        again = fused.conv2d_add(conv, x, residual.clone())  # this kind is remembered: no second attempt
+        inplace = fused.conv2d_add(conv, x, residual.clone(), inplace=True)  # another kind is still tried
         expected = residual + conv(x)
-    assert torch.equal(out, expected) and torch.equal(again, expected)
-    assert fused._fusion_failed
-    assert sum("unavailable" in r.message for r in caplog.records) == 1
+    assert torch.equal(out, expected) and torch.equal(again, expected) and torch.equal(inplace, expected)
+    assert calls == [False, True]
+    assert sum("unavailable" in r.message for r in caplog.records) == 2
+
+
+def test_conv2d_add_out_of_memory_is_not_swallowed(monkeypatch):
+    def oom(inplace):
+        def op(*args):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+        return op
+
+    monkeypatch.setattr(fused, "_mkldnn_op", oom)
+    monkeypatch.setattr(fused, "_refused", set())
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="not enough memory"):
+        fused.conv2d_add(conv, torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6))
+    assert not fused._refused
+
+
+def _forbid_onednn(monkeypatch):
+    def forbidden(inplace):
+        raise AssertionError("the fused operator must not be used here")
+
+    monkeypatch.setattr(fused, "_mkldnn_op", forbidden)
+
+
+def test_conv2d_add_plain_where_fusion_does_not_apply(monkeypatch):
+    _forbid_onednn(monkeypatch)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.inference_mode():
+        expected = torch.randn(1, 4, 6, 6) + conv(x)  # broadcast residual: plain addition, result [2, 4, 6, 6]
+        broadcast = fused.conv2d_add(conv, x, (expected - conv(x))[:1].expand(2, -1, -1, -1))
+        torch.testing.assert_close(broadcast, expected)
+        with torch.backends.mkldnn.flags(enabled=False):  # oneDNN switched off by the user
+            residual = torch.randn(2, 4, 6, 6)
+            assert torch.equal(fused.conv2d_add(conv, x, residual.clone()), residual + conv(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: bf16 conv, float32 residual keeps float32
+            residual = torch.randn(2, 4, 6, 6)
+            out = fused.conv2d_add(conv, x, residual.clone(), inplace=True)
+            assert out.dtype == (residual + conv(x)).dtype == torch.float32
 
 
 def _fused_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -120,6 +162,22 @@ def test_fused_blocks_match_plain_blocks_in_float32(name, channels_last):
         given = _cl(x.clone(), channels_last)
         out = fast(given, *args)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_fused_blocks_under_autocast_keep_the_plain_dtypes(name):
+    """A fused float32 block run under bf16 autocast returns what the plain block returns (dtype and values)."""
+    make, shape, conditioned = BLOCKS[name]
+    block = make().eval()
+    _randomize_norms(block)
+    fast = _fused_copy(block, torch.float32, True)
+    x, zq = torch.randn(shape), torch.randn(shape[0], 8, 4, 4)
+    args = (zq,) if conditioned else ()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(x, *args)
+        out = fast(_cl(x.clone(), True), *args)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.05)
 
 
 def test_fused_blocks_are_plain_when_autograd_is_on():

@@ -168,13 +168,27 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
 
 
-def test_fsdp_refuses_what_it_cannot_do(tmp_path):
+def test_fsdp_config_on_one_process_and_refusals(tmp_path):
+    """run.parallel: fsdp on one process trains unsharded, writes the FSDP checkpoint format and resumes from it;
+    resuming it as ddp, an unknown mode and the adaptive GAN weight under FSDP are refused with clear errors."""
     with pytest.raises(ValueError, match="run.parallel"):
         tiny_config(parallel="zero3")
-    cfg = tiny_config(parallel="fsdp")  # a single process: trains unsharded
-    Trainer(cfg, tmp_path, max_steps=1, progress=False).train()
+    Trainer(tiny_config(parallel="fsdp"), tmp_path, max_steps=1, progress=False).train()
     state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint-00000001.pt")
-    assert state["parallel"] == "ddp"
+    assert state["parallel"] == "fsdp" and set(state["optimizer"]["state"]) <= set(state["model"])  # by name
+    with pytest.raises(ValueError, match="resume it with run.parallel: fsdp"):
+        Trainer(tiny_config(), tmp_path, resume=True, max_steps=2, progress=False).setup()
+    Trainer(tiny_config(parallel="fsdp"), tmp_path, resume=True, max_steps=2, progress=False).train()
+    assert [r["step"] for r in records(tmp_path)] == [1, 2]
+
+    cfg = tiny_config(max_steps=1, parallel="fsdp").to_dict()
+    cfg["loss"]["disc_adaptive_weight"] = True
+    (tmp_path / "adaptive.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "dualvitok.cli", "train", "--config", "adaptive.yaml", "--output", "adaptive",
+                           "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "disc_adaptive_weight" in proc.stdout + proc.stderr
 
 
 def test_progressive_stages_buckets_and_bf16(tmp_path):
