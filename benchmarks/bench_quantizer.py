@@ -36,8 +36,10 @@ def main() -> None:
             expected = torch.cdist(x, codebook).argmin(1)
             got = nearest_code(x, codebook, budget, prepared).indices
             agree = (got == expected).float().mean().item()
-            t_ref = best_time(lambda: torch.cdist(x, codebook).argmin(1))
-            t_ours = best_time(lambda: nearest_code(x, codebook, budget, prepared))
+            t_ref = best_time(lambda x=x, codebook=codebook: torch.cdist(x, codebook).argmin(1))
+            t_ours = best_time(
+                lambda x=x, codebook=codebook, prepared=prepared: nearest_code(x, codebook, budget, prepared)
+            )
             gc.collect()
             with PeakMemory() as m_ref:
                 torch.cdist(x, codebook).argmin(1)

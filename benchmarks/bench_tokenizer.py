@@ -147,13 +147,14 @@ def main() -> None:
                 rows.append([
                     f"{size}x{size}", batch, stage, f"{flops[stage] / batch / 1e9:,.0f}",
                     f"{batch / t32:.3f}", f"{batch / tf:.3f}", f"**{t32 / tf:.2f}x**",
-                    f"{flops[stage] / t32 / peaks[torch.float32]:.0%}", f"{flops[stage] / tf / peaks[torch.bfloat16]:.0%}",
+                    f"{flops[stage] / t32 / peaks[torch.float32]:.0%}",
+                    f"{flops[stage] / tf / peaks[torch.bfloat16]:.0%}",
                     f"{peaks_mem[('fp32', stage)] / 2**30:.2f}", f"{peaks_mem[('fast', stage)] / 2**30:.2f}",
                 ])
                 print(rows[-1], flush=True)
     print()
-    print(table(["size", "batch", "stage", "GFLOP/img", "fp32 img/s", "fast img/s", "fast/fp32", "fp32 % of fp32 GEMM peak",
-                 "fast % of bf16 GEMM peak", "fp32 peak GiB", "fast peak GiB"], rows))
+    print(table(["size", "batch", "stage", "GFLOP/img", "fp32 img/s", "fast img/s", "fast/fp32",
+                 "fp32 % of fp32 GEMM peak", "fast % of bf16 GEMM peak", "fp32 peak GiB", "fast peak GiB"], rows))
 
 
 if __name__ == "__main__":

@@ -152,19 +152,25 @@ class DualViTokConfig(_ConfigMixin):
         se, sq, sd = self.semantic_encoder, self.semantic_quantizer, self.semantic_decoder
         pe, pq, pd = self.pixel_encoder, self.pixel_quantizer, self.pixel_decoder
         checks = [
-            (sq.dim == se.z_channels, f"semantic_quantizer.dim ({sq.dim}) != semantic_encoder.z_channels ({se.z_channels})"),
-            (sd.z_channels == sq.dim, f"semantic_decoder.z_channels ({sd.z_channels}) != semantic_quantizer.dim ({sq.dim})"),
+            (sq.dim == se.z_channels,
+             f"semantic_quantizer.dim ({sq.dim}) != semantic_encoder.z_channels ({se.z_channels})"),
+            (sd.z_channels == sq.dim,
+             f"semantic_decoder.z_channels ({sd.z_channels}) != semantic_quantizer.dim ({sq.dim})"),
             (pq.dim == pe.embed_dim, f"pixel_quantizer.dim ({pq.dim}) != pixel_encoder.embed_dim ({pe.embed_dim})"),
             (pd.embed_dim == sq.dim + pq.dim,
              f"pixel_decoder.embed_dim ({pd.embed_dim}) must equal semantic + pixel code dims ({sq.dim} + {pq.dim})"),
-            (se.target_mlp in ("norm", "identity"), f"semantic_encoder.target_mlp must be 'norm' or 'identity', got {se.target_mlp!r}"),
-            (se.proj_layer in ("linear", "linear_norm"), "semantic_encoder.proj_layer must be 'linear' or 'linear_norm'"),
-            (sd.proj_layer in ("linear", "linear_norm"), "semantic_decoder.proj_layer must be 'linear' or 'linear_norm'"),
+            (se.target_mlp in ("norm", "identity"),
+             f"semantic_encoder.target_mlp must be 'norm' or 'identity', got {se.target_mlp!r}"),
+            (se.proj_layer in ("linear", "linear_norm"),
+             "semantic_encoder.proj_layer must be 'linear' or 'linear_norm'"),
+            (sd.proj_layer in ("linear", "linear_norm"),
+             "semantic_decoder.proj_layer must be 'linear' or 'linear_norm'"),
             (self.pixel_noise_type in ("random", "zero", "uniform"),
              f"pixel_noise_type must be 'random', 'zero' or 'uniform', got {self.pixel_noise_type!r}"),
             (len(pe.ch_mult) == len(pd.ch_mult), "pixel encoder and decoder need the same number of levels (ch_mult)"),
             (self.config_version <= CONFIG_VERSION,
-             f"config_version {self.config_version} is newer than this library supports ({CONFIG_VERSION}); upgrade dualvitok"),
+             f"config_version {self.config_version} is newer than this library supports ({CONFIG_VERSION}); "
+             "upgrade dualvitok"),
         ]
         for ok, message in checks:
             if not ok:

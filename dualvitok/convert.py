@@ -53,7 +53,9 @@ def load_weights(weights: Mapping[str, Tensor] | str | os.PathLike, use_ema: boo
         raise TypeError(f"weights must be a state dict (mapping of names to tensors), got {type(weights).__name__}")
     if use_ema:
         if "ema" not in weights:
-            raise KeyError(f"use_ema=True but the checkpoint has no 'ema' entry (top-level keys: {sorted(weights)[:10]})")
+            raise KeyError(
+                f"use_ema=True but the checkpoint has no 'ema' entry (top-level keys: {sorted(weights)[:10]})"
+            )
         weights = weights["ema"]
     else:
         for key in _WRAPPERS:

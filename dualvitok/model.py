@@ -1,4 +1,4 @@
-"""DualViTok: the dual semantic + pixel image tokenizer of ILLUME+ (arXiv 2504.01934), composed from this library's parts.
+"""DualViTok: the dual semantic + pixel image tokenizer of ILLUME+ (arXiv 2504.01934), built from this library's parts.
 
 Composition follows the reference ``DualViTok`` (``vision_tokenizer/tokenizer/dualvitok_model.py``): the semantic
 branch (frozen Qwen2-VL tower, head, SimVQ, semantic decoder) sees a resized, CLIP-normalised copy of the image; the
@@ -108,7 +108,8 @@ class DualViTok(HubMixin, nn.Module):
         h, w = images.shape[-2:]
         if h % f or w % f:
             raise ValueError(f"image height and width must be multiples of {f}, got {h}x{w}; resize or crop to "
-                             f"{max(f, round(h / f) * f)}x{max(f, round(w / f) * f)} (dualvitok.ImageProcessor does this)")
+                             f"{max(f, round(h / f) * f)}x{max(f, round(w / f) * f)} "
+                             "(dualvitok.ImageProcessor does this)")
         if h < 28 or w < 28:
             raise ValueError(f"images must be at least 28x28 for the semantic branch, got {h}x{w}")
         if not bool(torch.isfinite(images).all()):
@@ -200,11 +201,13 @@ class DualViTok(HubMixin, nn.Module):
         if semantic_codes.shape[0] != pixel_codes.shape[0]:
             raise ValueError(f"batch sizes differ: semantic codes {tuple(semantic_codes.shape)} vs pixel codes "
                              f"{tuple(pixel_codes.shape)}")
-        semantic = F.interpolate(semantic_codes.float(), size=pixel_codes.shape[-2:], mode="bicubic", align_corners=False)
+        semantic = F.interpolate(
+            semantic_codes.float(), size=pixel_codes.shape[-2:], mode="bicubic", align_corners=False
+        )
         if self.training and self.config.pixel_drop_rate:
             codebook = self.pixel_quantizer.codebook if self.config.pixel_noise_type == "uniform" else None
-            pixel_codes = inject_token_noise(pixel_codes, self.config.pixel_drop_batch_rate, self.config.pixel_drop_rate,
-                                             self.config.pixel_noise_type, codebook)
+            pixel_codes = inject_token_noise(pixel_codes, self.config.pixel_drop_batch_rate,
+                                             self.config.pixel_drop_rate, self.config.pixel_noise_type, codebook)
         return torch.cat([semantic.to(pixel_codes.dtype), pixel_codes], dim=1)
 
     def decode(self, semantic_codes: Tensor, pixel_codes: Tensor) -> Tensor:

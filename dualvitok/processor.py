@@ -14,14 +14,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | Tensor
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 32 * 32,
@@ -150,8 +149,9 @@ class ImageProcessor:
         tensors = [self.to_tensor(im) for im in images]
         sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
         if len(sizes) > 1:
-            raise ValueError(f"images have different sizes after resizing: {sizes}. Use ImageProcessor(size=(H, W)) for "
-                             "one size, or ImageProcessor.group(...) to batch images of each size separately")
+            raise ValueError(f"images have different sizes after resizing: {sizes}. "
+                             "Use ImageProcessor(size=(H, W)) for one size, "
+                             "or ImageProcessor.group(...) to batch images of each size separately")
         return torch.stack(tensors)
 
     def group(self, images: Iterable[ImageInput]) -> list[tuple[list[int], Tensor]]:

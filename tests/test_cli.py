@@ -29,6 +29,8 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
 
 
 def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "dualvitok.cli", "info"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dualvitok.cli", "info"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "dualvitok_anyres_max512" in result.stdout

@@ -96,5 +96,5 @@ def test_from_reference_accepts_state_dict_and_dict_config(conformance_dir, refe
     config = json.loads((conformance_dir / "reference_config.json").read_text())
     weights = load_file(conformance_dir / "reference_state_dict.safetensors")
     model = DualViTok.from_reference(config, {"model": weights})
-    for (k, a), b in zip(model.state_dict().items(), reference_model.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), reference_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

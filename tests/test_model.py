@@ -84,11 +84,15 @@ def test_every_trainable_parameter_gets_a_gradient():
     cos = torch.nn.functional.cosine_similarity(out.semantic_reconstruction, out.semantic_target, dim=1)
     loss = out.reconstruction.pow(2).mean() + out.semantic_loss + out.pixel_loss + (1 - cos).mean()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     assert missing == []
     tower = list(model.semantic_encoder.model.named_parameters())
     assert tower and all(not p.requires_grad and p.grad is None for _, p in tower)
-    assert all(not b.requires_grad for b in (model.semantic_quantizer.frozen_codebook, model.pixel_quantizer.frozen_codebook))
+    assert all(
+        not b.requires_grad for b in (model.semantic_quantizer.frozen_codebook, model.pixel_quantizer.frozen_codebook)
+    )
 
 
 def test_eval_is_deterministic(tiny_model):

@@ -31,5 +31,6 @@ __all__ = [
     "AttnBlock2d", "DCDownBlock2d", "DCUpBlock2d", "Downsample2d", "MoVQDecoder", "MoVQEncoder", "PatchEmbed",
     "PatchMerger", "Qwen2VisionConfig", "Qwen2VisionTower", "ResnetBlock2d", "SpatialNorm", "Upsample2d",
     "VisionAttention", "VisionBlock", "VisionMlp", "VisionRotaryEmbedding", "apply_rotary", "channel_average",
-    "channel_to_space", "grid_positions", "group_norm", "quick_gelu", "rotary_cos_sin", "rotate_half", "space_to_channel",
+    "channel_to_space", "grid_positions", "group_norm", "quick_gelu", "rotary_cos_sin", "rotate_half",
+    "space_to_channel",
 ]

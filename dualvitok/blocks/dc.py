@@ -83,7 +83,9 @@ class DCUpBlock2d(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         if (4 * out_channels) % in_channels:
-            raise ValueError(f"DCUpBlock2d needs 4*out_channels divisible by in_channels, got {in_channels}, {out_channels}")
+            raise ValueError(
+                f"DCUpBlock2d needs 4*out_channels divisible by in_channels, got {in_channels}, {out_channels}"
+            )
         self.repeats = 4 * out_channels // in_channels
         self.shortcut = shortcut
         self.conv = nn.Conv2d(in_channels, out_channels * 4, 3, padding=1)

@@ -60,7 +60,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merged_dim = embed_dim * merge_size**2
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, hidden_size)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.ln_q(x).reshape(-1, self.merged_dim))  # [N/m^2, m^2 * C] -> [N/m^2, hidden]
@@ -80,11 +82,14 @@ class Qwen2VisionTower(nn.Module):
     def __init__(self, config: Qwen2VisionConfig | None = None):
         super().__init__()
         self.config = config = config or Qwen2VisionConfig()
-        self.patch_embed = PatchEmbed(config.in_channels, config.embed_dim, config.patch_size, config.temporal_patch_size)
+        self.patch_embed = PatchEmbed(
+            config.in_channels, config.embed_dim, config.patch_size, config.temporal_patch_size
+        )
         head_dim = config.embed_dim // config.num_heads
         self.rotary_pos_emb = VisionRotaryEmbedding(head_dim // 2)
         self.blocks = nn.ModuleList(
-            VisionBlock(config.embed_dim, config.num_heads, config.mlp_ratio, config.hidden_act) for _ in range(config.depth)
+            VisionBlock(config.embed_dim, config.num_heads, config.mlp_ratio, config.hidden_act)
+            for _ in range(config.depth)
         )
         self.merger = PatchMerger(config.embed_dim, config.hidden_size, config.spatial_merge_size)
 
@@ -104,7 +109,7 @@ class Qwen2VisionTower(nn.Module):
         if len(set(grids)) == 1:
             groups = [(grids[0], x.view(len(grids), lengths[0], -1))]  # one batch [B, L, C]
         else:
-            groups = [(g, chunk.unsqueeze(0)) for g, chunk in zip(grids, x.split(lengths))]
+            groups = [(g, chunk.unsqueeze(0)) for g, chunk in zip(grids, x.split(lengths), strict=True)]
         outputs = []
         for (t, h, w), tokens in groups:
             rope = rotary_cos_sin(self.rotary_pos_emb(self.positions(t, h, w)))  # 2 x [L, 1, head_dim]

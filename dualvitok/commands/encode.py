@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         x = torch.stack([t for _, t in items]).to(args.device)
         with torch.inference_mode():
             enc = model.encode(x)
-        for (rel, _), sem, pix in zip(items, enc.semantic_indices, enc.pixel_indices):
+        for (rel, _), sem, pix in zip(items, enc.semantic_indices, enc.pixel_indices, strict=True):
             writer.add(rel, sem, pix, key[0], key[1])
         bar.update(len(items))
         bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files (default: the bundled sample photos)")
     p.add_argument("--model", default=None, help="folder, Hub repo id or registered name (default: bundled demo model)")
     p.add_argument("--output", default="reconstructions", help="output folder (default: ./reconstructions)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W (multiples of 16)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="resize every image to H x W (multiples of 16)")
     p.add_argument("--max-pixels", type=int, default=256 * 256, help="area bound of the size policy (default 256*256)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=run)

@@ -110,7 +110,9 @@ def nearest_code(
                 dist = xr @ prepared[c0 : c0 + block_codes].t()  # |c|^2 - 2 x.c : [rows, codes]
                 torch.min(dist, dim=1, out=(block_min[:, b], block_arg[:, b]))
             best_block = block_min.argmin(dim=1, keepdim=True)  # first block wins ties: lowest index overall
-            best_idx[r0 : r0 + block_rows] = block_arg.gather(1, best_block).squeeze(1) + best_block.squeeze(1) * block_codes
+            best_idx[r0 : r0 + block_rows] = (
+                block_arg.gather(1, best_block).squeeze(1) + best_block.squeeze(1) * block_codes
+            )
             row_sq = x[r0 : r0 + block_rows].pow(2).sum(-1)
             best_dist[r0 : r0 + block_rows] = (block_min.gather(1, best_block).squeeze(1) + row_sq).clamp_min_(0.0)
     return NearestCode(best_idx, best_dist)
@@ -123,7 +125,8 @@ class Quantizer(nn.Module):
     ``[B,D,H,W]`` or a sequence ``[B,D,N]``) when ``channel_first`` is true, else channel-last ``[B, *spatial, D]``.
     """
 
-    def __init__(self, dim: int, codebook_size: int, channel_first: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, dim: int, codebook_size: int, channel_first: bool = True,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
         super().__init__()
         if dim < 1 or codebook_size < 1:
             raise ValueError(f"dim and codebook_size must be positive, got dim={dim}, codebook_size={codebook_size}")
@@ -154,7 +157,9 @@ class Quantizer(nn.Module):
     def _to_rows(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """``x`` in the configured layout -> ``([B, L, D], spatial shape)``."""
         if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+            raise TypeError(
+                f"{type(self).__name__} expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}"
+            )
         if x.ndim < 3:
             raise ValueError(
                 f"{type(self).__name__} expects a batch: [B, {self.dim}, *spatial] (channel_first=True) or "
@@ -163,8 +168,8 @@ class Quantizer(nn.Module):
         channel_axis = 1 if self.channel_first else -1
         if x.shape[channel_axis] != self.dim:
             raise ValueError(
-                f"{type(self).__name__}(dim={self.dim}, channel_first={self.channel_first}) got {x.shape[channel_axis]} "
-                f"channels on axis {channel_axis} of a tensor of shape {tuple(x.shape)}"
+                f"{type(self).__name__}(dim={self.dim}, channel_first={self.channel_first}) "
+                f"got {x.shape[channel_axis]} channels on axis {channel_axis} of a tensor of shape {tuple(x.shape)}"
             )
         if self.channel_first:
             x = x.movedim(1, -1)  # [B, *spatial, D]
