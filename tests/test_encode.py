@@ -21,7 +21,8 @@ def test_encode_folder_matches_direct_encoding_and_resumes(tiny_model, tmp_path,
     shutil.copy(sample_image_paths[3], images / "sub" / sample_image_paths[3].name)
     (images / "broken.jpg").write_text("not a jpeg")
     args = ["encode", str(images), "--output", str(tmp_path / "tokens"), "--model", str(tmp_path / "model"),
-            "--size", "64", "64", "--batch-size", "2", "--shard-size", "3", "--fp32"]
+            "--size", "64", "64", "--batch-size", "2", "--shard-size", "3", "--fp32",
+            "--default-malloc"]  # keep the test process's allocator settings
     assert main(args) == 0
     assert "skipped 1 unreadable: broken.jpg" in capsys.readouterr().out
     records = list(iter_tokens(tmp_path / "tokens"))
@@ -67,3 +68,17 @@ def test_encode_fast_path_equals_the_optimized_model(tiny_model, tmp_path, sampl
         assert torch.equal(r.semantic_indices, enc.semantic_indices[0])
         assert torch.equal(r.pixel_indices, enc.pixel_indices[0])
         assert torch.equal(r.pixel_indices, enc32.pixel_indices[0])
+
+
+def test_encode_keeps_freed_memory_unless_told_not_to(tiny_model, tmp_path, sample_image_paths, monkeypatch):
+    import dualvitok.devices
+
+    calls = []
+    monkeypatch.setattr(dualvitok.devices, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    tiny_model.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(sample_image_paths[0], images / sample_image_paths[0].name)
+    base = ["encode", str(images), "--model", str(tmp_path / "model"), "--size", "64", "64"]
+    assert main([*base, "--output", str(tmp_path / "a")]) == 0 and calls == [1]
+    assert main([*base, "--output", str(tmp_path / "b"), "--default-malloc"]) == 0 and calls == [1]
