@@ -52,9 +52,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     for module in model.modules():
         if hasattr(module, "fused_inference"):  # fused conv + residual kernels, in-place epilogues (blocks.fused)
             module.fused_inference = True
-    if channels_last:
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        if channels_last and isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     model.channels_last = channels_last
     return model

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import add
+
 
 def channel_average(x: Tensor, out_channels: int) -> Tensor:
     """Average groups of consecutive channels: ``[B, C, H, W] -> [B, out_channels, H, W]`` (C divisible)."""
@@ -61,8 +63,7 @@ class DCDownBlock2d(nn.Module):
         h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
         if self.shortcut:
             shortcut = channel_average(space_to_channel(x), self.out_channels)  # [B, 4C, H/2, W/2] -> [B, C_out, ..]
-            inplace = self.fused_inference and not torch.is_grad_enabled() and h.dtype == shortcut.dtype
-            h = h.add_(shortcut) if inplace else h + shortcut
+            h = add(h, shortcut, inplace=self.fused_inference)
         return h
 
 

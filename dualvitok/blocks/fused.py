@@ -68,6 +68,14 @@ def _mkldnn_op(inplace: bool):
     return ops._convolution_pointwise_.binary if inplace else ops._convolution_pointwise.binary
 
 
+def add(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
+    """``a + b``, written into ``a`` when ``inplace``, autograd is off and that keeps ``a + b``'s dtype and shape
+    (``a`` must then be a temporary the caller owns)."""
+    if inplace and not torch.is_grad_enabled() and a.dtype == b.dtype and a.shape == b.shape:
+        return a.add_(b)
+    return a + b
+
+
 def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
     """``residual + conv(x)``, the addition fused into the convolution on CPU.
 
@@ -82,10 +90,7 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
         ``residual + conv(x)``.
     """
     if torch.is_grad_enabled() or not _can_fuse(conv, x, residual, inplace):
-        h = conv(x)
-        if inplace and not torch.is_grad_enabled() and h.dtype == residual.dtype and h.shape == residual.shape:
-            return residual.add_(h)
-        return residual + h
+        return add(residual, conv(x), inplace)
     args = (x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "add", None, None, [], None)
     try:
@@ -95,8 +100,8 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
     except RuntimeError as err:  # an unsupported layout or build: remember this kind, use the plain operators
         if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
             raise
-        _refused.add(_kind(x, residual, inplace))
-        logger.warning("fused convolution + addition unavailable for %s (%s); using separate operators",
-                       _kind(x, residual, inplace), err)
+        kind = _kind(x, residual, inplace)
+        _refused.add(kind)
+        logger.warning("fused convolution + addition unavailable for %s (%s); using separate operators", kind, err)
         return residual + conv(x)
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, Downsample2d, Upsample2d, channel_average
+from .fused import add
 from .norm import apply_norm, make_norm
 from .resnet import ResnetBlock2d
 
@@ -182,8 +182,7 @@ class MoVQDecoder(nn.Module):
         h = self.conv_in(z)
         if self.use_dc:
             stem = z.repeat_interleave(self.stem_repeats, dim=1)  # [B, z, h, w] -> [B, C, h, w]
-            inplace = self.fused_inference and not torch.is_grad_enabled() and h.dtype == stem.dtype
-            h = h.add_(stem) if inplace else h + stem
+            h = add(h, stem, inplace=self.fused_inference)
         h = self.mid(h, zq)
         for level in reversed(self.up):
             h = level(h, zq)

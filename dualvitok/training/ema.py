@@ -36,11 +36,12 @@ class ModelEMA:
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the averaged parameters into ``model``."""
+    def copy_to(self, model: nn.Module, shadow: dict[str, Tensor] | None = None) -> None:
+        """Write the averaged parameters into ``model`` (from ``shadow``, e.g. gathered full tensors, if given)."""
+        shadow = self.shadow if shadow is None else shadow
         for name, p in model.named_parameters():
-            if name in self.shadow:
-                p.copy_(self.shadow[name].to(p.dtype))
+            if name in shadow:
+                p.copy_(shadow[name].to(p.dtype))
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": dict(self.shadow)}

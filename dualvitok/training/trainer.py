@@ -444,9 +444,7 @@ class Trainer:
             model = build_model(self.config)
             model.load_state_dict(weights)
             if ema is not None:
-                for name, p in model.named_parameters():
-                    if name in ema["shadow"]:
-                        p.data.copy_(ema["shadow"][name].to(p.dtype))
+                self.ema.copy_to(model, ema["shadow"])
         model.save_pretrained(folder)
         return folder
 

@@ -148,15 +148,20 @@ BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("name", list(BLOCKS))
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_blocks_match_plain_blocks_in_float32(name, channels_last):
+def _plain_and_fused(name: str, channels_last: bool):
+    """A block of ``BLOCKS`` (random norms), its fused float32 copy, an input and the extra arguments (``zq``)."""
     make, shape, conditioned = BLOCKS[name]
     block = make().eval()
     _randomize_norms(block)
     fast = _fused_copy(block, torch.float32, channels_last)
     x, zq = torch.randn(shape), torch.randn(shape[0], 8, 4, 4)
-    args = (zq,) if conditioned else ()
+    return block, fast, x, ((zq,) if conditioned else ())
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_blocks_match_plain_blocks_in_float32(name, channels_last):
+    block, fast, x, args = _plain_and_fused(name, channels_last)
     with torch.inference_mode():
         expected = block(x, *args)
         given = _cl(x.clone(), channels_last)
@@ -167,12 +172,7 @@ def test_fused_blocks_match_plain_blocks_in_float32(name, channels_last):
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_fused_blocks_under_autocast_keep_the_plain_dtypes(name):
     """A fused float32 block run under bf16 autocast returns what the plain block returns (dtype and values)."""
-    make, shape, conditioned = BLOCKS[name]
-    block = make().eval()
-    _randomize_norms(block)
-    fast = _fused_copy(block, torch.float32, True)
-    x, zq = torch.randn(shape), torch.randn(shape[0], 8, 4, 4)
-    args = (zq,) if conditioned else ()
+    block, fast, x, args = _plain_and_fused(name, True)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = block(x, *args)
         out = fast(_cl(x.clone(), True), *args)
