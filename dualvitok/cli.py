@@ -25,7 +25,10 @@ def _module_name(command: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualvitok", description="DualViTok image tokenizer (ILLUME+)")
     parser.add_argument("--version", action="version", version=f"dualvitok {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (same as --log-level debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (--log-level warning)")
+    parser.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+                        help="logging level (default: info)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         try:
@@ -41,9 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = args.log_level or ("debug" if args.verbose else "warning" if args.quiet else "info")
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -23,19 +23,33 @@ def is_npu_available() -> bool:
         return False
 
 
+def is_mps_available() -> bool:
+    """True on Apple-silicon builds of torch with the Metal (MPS) backend usable."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> cuda, npu or cpu (first available); ``"npu[:i]"`` checks for ``torch_npu`` with a clear error."""
+    """The library's one device policy: ``"auto"`` -> cuda > mps > npu > cpu (the first available).
+
+    Explicit names are checked with a clear error (``"npu[:i]"`` needs ``torch_npu``, ``"cuda"`` a CUDA build and a
+    GPU, ``"mps"`` Apple's Metal backend). Every command's ``--device`` goes through here.
+    """
     if isinstance(device, torch.device):
         return device
     name = (device or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
+        if is_mps_available():
+            return torch.device("mps")
         return torch.device("npu") if is_npu_available() else torch.device("cpu")
     if name.startswith("npu") and not is_npu_available():
         raise RuntimeError(f"device {device!r} needs torch_npu and Ascend drivers: pip install 'dualvitok[npu]'")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu (or auto)")
+    if name.startswith("mps") and not is_mps_available():
+        raise RuntimeError(f"device {device!r} requested but Apple's MPS backend is not available; use --device cpu")
     return torch.device(name)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils.deps import require
 from .blocks.qwen2_vit import Qwen2VisionConfig
 
 __all__ = ["TimmVisionTower", "load_timm_pretrained"]
@@ -26,11 +27,7 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _import_timm():
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError("a timm semantic tower needs timm: pip install dualvitok[timm]") from e
-    return timm
+    return require("timm", "timm", "a timm semantic tower")
 
 
 class TimmVisionTower(nn.Module):

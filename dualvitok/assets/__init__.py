@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .._utils.files import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # noqa: F401 (kept for old imports)
+from .._utils.files import has_image_suffix
+
 ASSETS_DIR = Path(__file__).resolve().parent
 IMAGES_DIR = ASSETS_DIR / "images"
 DEMO_MODEL_DIR = ASSETS_DIR / "demo_model"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def sample_images() -> list[Path]:
     """The bundled sample photos, sorted by name."""
-    return sorted(p for p in IMAGES_DIR.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in IMAGES_DIR.iterdir() if has_image_suffix(p.name))
 
 
 def demo_model_path() -> Path:

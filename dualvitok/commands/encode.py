@@ -35,11 +35,11 @@ def add_parser(subparsers) -> None:
 
 
 def _scan(folder: Path) -> list[Path]:
-    from ..assets import IMAGE_SUFFIXES
+    from .._utils.files import scan_images
 
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return scan_images(folder).files
 
 
 def run(args: argparse.Namespace) -> int:

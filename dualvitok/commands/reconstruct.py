@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write
+from .._utils import save_image
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-pixels", type=int, default=256 * 256, help="area bound of the size policy (default 256*256)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.set_defaults(func=run)
-
-
-def _save_png(image, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             enc = model.encode(x)
             recon = model.decode_indices(enc.semantic_indices, enc.pixel_indices)
         original, restored = processor.to_uint8(x), processor.to_uint8(recon)
-        _save_png(processor.postprocess(recon)[0], out_dir / f"{path.stem}_reconstruction.png")
+        save_image(processor.postprocess(recon)[0], out_dir / f"{path.stem}_reconstruction.png")
         h, w = x.shape[-2:]
         print(f"| {path.name} | {h}x{w} | {enc.semantic_indices[0].numel()} | {enc.pixel_indices[0].numel()} "
               f"| {psnr(restored / 255.0, original / 255.0).item():.2f} |")

@@ -17,10 +17,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._utils.files import IMAGE_SUFFIXES, scan_images
 from ..processor import load_image
 from .protocols import EvaluationProtocol
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif")
 
 
 def scan_folder(folder: str | os.PathLike, limit: int | None = None) -> list[Path]:
@@ -30,15 +29,12 @@ def scan_folder(folder: str | os.PathLike, limit: int | None = None) -> list[Pat
         FileNotFoundError: if ``folder`` does not exist. ValueError: if it holds no image files.
     """
     root = Path(folder)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"data folder not found: {root}")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not files:
+    scan = scan_images(root, limit)
+    if not scan.files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
-    return files[:limit] if limit is not None else files
+    return scan.files
 
 
 @dataclass

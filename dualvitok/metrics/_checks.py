@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-EXTRA_HINT = "pip install dualvitok[eval]"
+from .._utils.deps import require as _require
 
 
 def require(module: str) -> ModuleType:
     """Import an optional dependency of the ``eval`` extra, or raise an ImportError that says how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"dualvitok.metrics needs the package providing '{module}' ({e}); install the eval extra: "
-                          f"{EXTRA_HINT}") from e
+    return _require(module, "eval", "dualvitok.metrics")
 
 
 def check_pair(pred: Tensor, target: Tensor, name: str = "metric") -> None:

@@ -16,17 +16,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from .._utils.files import IMAGE_SUFFIXES, scan_images
 from .resolutions import nearest_resolution, normalize_resolutions
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files (png, jpg, jpeg, webp, bmp) under ``folder``, recursively, in sorted order."""
+    """Image files (the library's suffix list) under ``folder``, recursively, sorted by relative path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder at {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = scan_images(folder).files
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files

@@ -8,16 +8,14 @@ the package live in ``dualvitok/configs/*.yaml`` and are found by name (``--conf
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .._utils import to_plain
-
-T = TypeVar("T")
+from .._utils.decoding import from_dict
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -114,6 +112,10 @@ class DataConfig:
     stages: tuple[StageConfig, ...] = (StageConfig(),)
     cache_images: bool = False  # keep decoded images in memory (small data sets)
 
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("data.stages must list at least one stage")
+
 
 @dataclass
 class ModelSpec:
@@ -168,36 +170,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a nested dict; unknown keys raise ``ValueError`` naming the known ones."""
-        return _build(cls, data, "")
-
-
-_NESTED: dict[tuple[type, str], type] = {}
-
-
-def _build(cls: type[T], data: Any, path: str) -> T:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {path or 'root'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown keys in config section {path or 'root'}: {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = {"model": ModelSpec, "loss": LossConfig, "optimizer": OptimizerConfig, "data": DataConfig,
-               "run": RunConfig}.get(name) if cls is TrainConfig else None
-        where = f"{path}.{name}" if path else name
-        if sub is not None:
-            value = _build(sub, value, where)
-        elif cls is DataConfig and name == "stages":
-            if not value:
-                raise ValueError("data.stages must list at least one stage")
-            value = tuple(_build(StageConfig, v, f"{where}[{i}]") for i, v in enumerate(value))
-        elif isinstance(value, list) and name not in ("config", "overrides"):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+        return from_dict(cls, data, keep_lists=("config", "overrides"))
 
 
 def list_configs() -> list[str]:

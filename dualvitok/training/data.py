@@ -21,7 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..assets import IMAGE_SUFFIXES
+from .._utils.deps import require
+from .._utils.files import IMAGE_SUFFIXES, has_image_suffix, scan_images
 from ..processor import load_image
 from .samplers import SampleSpec
 
@@ -36,11 +37,8 @@ SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "h
 
 def builtin_photos() -> list[Path]:
     """Paths of :data:`SKIMAGE_PHOTOS` in the installed scikit-image (``builtin:skimage``)."""
-    try:
-        import skimage.data
-    except ImportError as e:
-        raise ImportError("'builtin:skimage' needs scikit-image: pip install scikit-image") from e
-    folder = Path(skimage.data.__file__).parent
+    skimage_data = require("skimage.data", "dev", "'builtin:skimage'")
+    folder = Path(skimage_data.__file__).parent
     found = [folder / name for name in SKIMAGE_PHOTOS if (folder / name).is_file()]
     if not found:
         raise FileNotFoundError(f"no scikit-image sample photos in {folder}")
@@ -70,7 +68,7 @@ def _tar_sources(path: Path) -> list[ImageSource]:
     out = []
     with tarfile.open(path, "r:") as tar:  # uncompressed shards only (random access)
         for info in tar:
-            if info.isfile() and Path(info.name).suffix.lower() in IMAGE_SUFFIXES:
+            if info.isfile() and has_image_suffix(info.name):
                 out.append(ImageSource(str(path), info.name, info.offset_data, info.size))
     return out
 
@@ -86,7 +84,7 @@ def collect_sources(sources: tuple[str, ...] | list[str]) -> list[ImageSource]:
             continue
         path = Path(spec).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = scan_images(path).files
             tars = sorted(path.rglob("*.tar"))
             out += [ImageSource(str(p)) for p in files]
             for t in tars:

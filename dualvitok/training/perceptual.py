@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._utils.deps import require
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LPIPSLoss", "TORCHVISION_VGG16_FILE"]
@@ -27,11 +29,7 @@ TORCHVISION_VGG16_FILE = "vgg16-397923af.pth"
 
 
 def _import_lpips():
-    try:
-        import lpips
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the LPIPS loss needs the 'lpips' package: pip install dualvitok[train]") from e
-    return lpips
+    return require("lpips", "train", "the LPIPS loss")
 
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:

@@ -7,13 +7,14 @@ values faint, a moving average solid) with axes labels; files are written atomic
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .._utils import atomic_write
+from .._utils import save_image
+from .._utils.io import image_grid
 
 __all__ = ["plot_loss_curve", "save_image_grid", "save_png_atomic"]
 
@@ -21,9 +22,8 @@ COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
-    """Save a PNG via a temp file and ``os.replace``."""
-    with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG")
+    """Save a PNG atomically (the package's one image writer, :func:`dualvitok._utils.save_image`)."""
+    save_image(image, Path(path).with_suffix(".png") if not Path(path).suffix else path)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -91,10 +91,4 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike, keys: tuple[st
 
 def save_image_grid(rows: list[Tensor], path: str | os.PathLike) -> None:
     """Save rows of images ``[B, 3, H, W]`` in [-1, 1] (e.g. inputs, reconstructions) as one PNG grid."""
-    grid_rows = []
-    for row in rows:
-        row = row.detach().float().cpu().clamp(-1, 1)
-        grid_rows.append(torch.cat(list(row), dim=-1))  # (3, H, B*W)
-    grid = torch.cat(grid_rows, dim=-2)  # (3, R*H, B*W)
-    array = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    save_png_atomic(Image.fromarray(array), path)
+    save_png_atomic(image_grid(rows), path)

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._utils import atomic_write
+from .._utils.distributed import DistInfo, all_reduce_mean, init_distributed
 from ..configuration import DualViTokConfig
 from ..model import DualViTok
 from ..registry import get_config
 from .checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import BatchDataset, TrainImageDataset, collect_sources
-from .distributed import DistInfo, all_reduce_mean, init_distributed
 from .dualvitok_loss import DualViTokLoss
 from .ema import ModelEMA
 from .fsdp import full_model_state, full_optimizer_state, full_tensor, load_full_state, shard_like, shard_model

@@ -4,11 +4,7 @@ Needs the ``unified`` extra (``pip install 'dualvitok[unified]'``, i.e. transfor
 template and sampling helpers are plain torch; the model, generation and loading use transformers.
 """
 
-try:
-    import transformers as _transformers  # noqa: F401
-except ImportError as _e:  # pragma: no cover - depends on the environment
-    raise ImportError("dualvitok.unified needs transformers: pip install 'dualvitok[unified]'") from _e
-
+from . import _deps as _deps  # first: a clear ImportError naming the extra when transformers is missing
 from .adapters import DualVisionTower as DualVisionTower
 from .adapters import MixedProjector as MixedProjector
 from .adapters import VisionFeatures as VisionFeatures

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .._utils import atomic_write
+from .._utils.deps import require
 from ..model import DualViTok
 from .adapters import DualVisionTower
 from .config import UnifiedConfig
@@ -71,11 +72,7 @@ def load_unified(cls, source: str | os.PathLike, vision_tokenizer, dtype: torch.
 
 
 def _require_transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the unified MLLM needs transformers: pip install 'dualvitok[unified]'") from e
-    return transformers
+    return require("transformers", "unified", "the unified MLLM")
 
 
 def _dtype_kwargs(transformers, dtype: torch.dtype | None) -> dict:

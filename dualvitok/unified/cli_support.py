@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import torch
 
-from .._utils import atomic_write
+from .._utils import save_image as _save_image
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +34,7 @@ def generator_for(args: argparse.Namespace) -> torch.Generator:
     return torch.Generator(device=args.device).manual_seed(args.seed)
 
 
-def save_image(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image atomically (format from the suffix, PNG by default)."""
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        image.save(tmp, format=(path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"))
-    return path
+save_image = _save_image  # the package's one atomic image writer
 
 
 def output_paths(output: str, count: int) -> list[Path]:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from .._utils import atomic_write
+from .._utils.decoding import from_dict
 from .templates import SYSTEM_PROMPT
 
 
@@ -53,11 +54,7 @@ class UnifiedConfig:
     @classmethod
     def from_dict(cls, data: dict) -> UnifiedConfig:
         """Build from a dict; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown UnifiedConfig keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        return from_dict(cls, data, keep_lists=tuple(f.name for f in dataclasses.fields(cls)))
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write JSON atomically."""
