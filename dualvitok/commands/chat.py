@@ -14,7 +14,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive session)")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     add_model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default: 512)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="text temperature when sampling")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from .generate import add_model_arguments, parse_size
+    from .generate import add_model_arguments, add_refiner_argument, parse_size
 
     p = subparsers.add_parser("edit", help="edit an image by an instruction with a unified MLLM",
                               description="Image editing with a UnifiedMLLM (needs: pip install 'dualvitok[unified]').")
@@ -20,17 +20,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="semantic top-k; pixel uses 3x (default 512)")
     p.add_argument("--top-p", type=float, default=None, help="top-p (default 0.8)")
     p.add_argument("--keep-padding", action="store_true", help="save the padded canvas instead of the source size")
-    p.add_argument("--refiner", action="store_true", help="decode with the diffusion refiner attached to the model")
-    p.add_argument("--output", default="edited.png", help="output file")
+    add_refiner_argument(p)
+    p.add_argument("--output", default="edited.png", help="output file (default: edited.png)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..unified.cli_support import generator_for, load_unified, save_image
+    from ..unified.cli_support import attach_refiner, generator_for, load_unified, save_image
 
-    model = load_unified(args)
+    model = attach_refiner(load_unified(args), args.refiner)
     out = model.edit_image(args.image, args.instruction, resolution=args.size, guidance_scale=args.guidance_scale,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           generator=generator_for(args), use_refiner=args.refiner, progress=True)
+                           generator=generator_for(args), use_refiner=args.refiner is not None, progress=True)
     print(save_image(out.to_pil(restore_size=not args.keep_padding)[0], args.output))
     return 0

@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import argparse
 
-_DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+from ._args import add_device, add_dtype, add_seed, positive_int
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--vision-tokenizer``, ``--device``, ``--dtype``, ``--seed``."""
+    """``--model``, ``--vision-tokenizer``, ``--device``, ``--dtype``, ``--seed`` (the library's CLI convention)."""
     parser.add_argument("--model", required=True,
                         help="UnifiedMLLM folder (save_pretrained), ILLUME+ checkpoint folder or Hub id, or 'tiny' "
-                             "(a random tiny model, for trying the command)")
+                             "(a random tiny model, for trying the command) (required)")
     parser.add_argument("--vision-tokenizer", default=None,
                         help="DualViTok folder / Hub id / registered name (default: the one saved with the model; "
                              "ILLUME-MLLM/dualvitok for ILLUME+ checkpoints)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="torch device")
-    parser.add_argument("--dtype", default="float32", choices=_DTYPE_CHOICES, help="language-model dtype")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    add_device(parser)
+    add_dtype(parser, help="language-model dtype; the vision modules stay float32")
+    add_seed(parser)
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def add_refiner_argument(parser: argparse.ArgumentParser) -> None:
+    """``--refiner [PATH]``: decode with a diffusion refiner (a saved RefinerPipeline folder, or the attached one)."""
+    parser.add_argument("--refiner", nargs="?", const="attached", default=None, metavar="PATH",
+                        help="decode with the diffusion refiner: a RefinerPipeline folder or Hub id, or no value for "
+                             "the refiner attached to the model (default: no refiner, the DualViTok decoder)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -46,24 +47,25 @@ def add_parser(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--size", type=parse_size, default=(512, 512),
                    help="HEIGHTxWIDTH, multiples of 64 (default 512x512)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (one batch)")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images to generate (one batch) (default: 1)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default 2.0)")
     p.add_argument("--temperature", type=float, default=None, help="image temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="semantic top-k; pixel uses 3x (default 2048)")
     p.add_argument("--top-p", type=float, default=None, help="top-p (default 1.0)")
-    p.add_argument("--refiner", action="store_true", help="decode with the diffusion refiner attached to the model")
-    p.add_argument("--output", default="generated.png", help="output file (numbered when --num-images > 1)")
+    add_refiner_argument(p)
+    p.add_argument("--output", default="generated.png",
+                   help="output file, numbered when --num-images > 1 (default: generated.png)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..unified.cli_support import generator_for, load_unified, output_paths, save_image
+    from ..unified.cli_support import attach_refiner, generator_for, load_unified, output_paths, save_image
 
-    model = load_unified(args)
+    model = attach_refiner(load_unified(args), args.refiner)
     height, width = args.size
     out = model.generate_image([args.prompt] * args.num_images, height, width, guidance_scale=args.guidance_scale,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               generator=generator_for(args), use_refiner=args.refiner, progress=True)
+                               generator=generator_for(args), use_refiner=args.refiner is not None, progress=True)
     for image, path in zip(out.to_pil(), output_paths(args.output, args.num_images), strict=True):
         print(save_image(image, path))
     return 0

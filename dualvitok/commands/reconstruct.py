@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from .._utils import save_image
+from ..devices import resolve_device
+from ._args import add_device, add_dtype, add_model, add_output, dtype_of, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -18,13 +20,32 @@ def add_parser(subparsers) -> None:
                               description="Round trip images through a DualViTok. Without arguments: the bundled demo "
                                           "model on the bundled sample photos.")
     p.add_argument("images", nargs="*", help="image files (default: the bundled sample photos)")
-    p.add_argument("--model", default=None, help="folder, Hub repo id or registered name (default: bundled demo model)")
-    p.add_argument("--output", default="reconstructions", help="output folder (default: ./reconstructions)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                   help="resize every image to H x W (multiples of 16)")
-    p.add_argument("--max-pixels", type=int, default=256 * 256, help="area bound of the size policy (default 256*256)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_model(p)
+    add_output(p, "reconstructions")
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
+                   help="resize every image to H x W (multiples of 16) (default: the --max-pixels policy)")
+    p.add_argument("--max-pixels", type=positive_int, default=256 * 256,
+                   help="area bound of the size policy (default: 65536 = 256*256)")
+    add_device(p)
+    add_dtype(p, help="float32 (the reference numerics) or a fast path via optimize_for_inference")
     p.set_defaults(func=run)
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """``<stem>_reconstruction.png`` per input; inputs that share a stem get their parent folders prefixed
+    (``a/photo.jpg``, ``b/photo.jpg`` -> ``a_photo_...``, ``b_photo_...``), so no output overwrites another."""
+    stems = [p.stem for p in paths]
+    names = []
+    for path, stem in zip(paths, stems, strict=True):
+        if stems.count(stem) > 1:
+            parts = [part for part in path.resolve().with_suffix("").parts[-3:] if part not in ("/", "")]
+            stem = "_".join(parts)
+        names.append(f"{stem}_reconstruction.png")
+    if len(set(names)) != len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"several inputs would write the same output {duplicates}; rename or reconstruct them "
+                         "in separate runs")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,18 +55,24 @@ def run(args: argparse.Namespace) -> int:
     from ..processor import ImageProcessor
 
     paths = [Path(p) for p in args.images] or sample_images()
-    model = load_model(args.model, device=args.device)
+    names = output_names(paths)
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    if args.dtype != "float32":
+        from ..inference import optimize_for_inference
+
+        optimize_for_inference(model, dtype=dtype_of(args.dtype))
     processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     print("| image | size | semantic tokens | pixel tokens | PSNR (dB) |\n|---|---|---|---|---|")
-    for path in paths:
-        x = processor(path).to(args.device)
+    for path, name in zip(paths, names, strict=True):
+        x = processor(path).to(device)
         with torch.inference_mode():
             enc = model.encode(x)
             recon = model.decode_indices(enc.semantic_indices, enc.pixel_indices)
         original, restored = processor.to_uint8(x), processor.to_uint8(recon)
-        save_image(processor.postprocess(recon)[0], out_dir / f"{path.stem}_reconstruction.png")
+        save_image(processor.postprocess(recon)[0], out_dir / name)
         h, w = x.shape[-2:]
         print(f"| {path.name} | {h}x{w} | {enc.semantic_indices[0].numel()} | {enc.pixel_indices[0].numel()} "
               f"| {psnr(restored / 255.0, original / 255.0).item():.2f} |")

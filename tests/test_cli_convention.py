@@ -1,0 +1,83 @@
+"""One CLI convention across subcommands: shared flags, help texts with defaults, no overwritten outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dualvitok.cli import COMMANDS, build_parser
+from dualvitok.commands.reconstruct import output_names
+
+
+def _subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def test_every_option_has_help_text():
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if action.option_strings and action.help != "==SUPPRESS==":
+                assert action.help, f"dualvitok {name} {action.option_strings} has no help text"
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "generate", "edit", "chat"])
+def test_device_is_auto_by_default(command):
+    sub = _subparsers()[command]
+    device = next(a for a in sub._actions if "--device" in a.option_strings)
+    assert device.default == "auto" and "cuda > mps > npu > cpu" in device.help
+    dtype = next(a for a in sub._actions if "--dtype" in a.option_strings)
+    assert set(dtype.choices) == {"float32", "bfloat16", "float16"}
+
+
+def test_all_commands_registered():
+    assert set(_subparsers()) >= {c for c in COMMANDS if c not in ("train-refiner",)}
+
+
+def test_log_level_and_quiet(capsys):
+    from dualvitok.cli import main
+
+    assert main(["--log-level", "warning", "info"]) == 0
+    assert main(["-q", "info"]) == 0
+    assert "registered models" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs():
+    result = subprocess.run([sys.executable, "-m", "dualvitok", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dualvitok_tiny" in result.stdout
+
+
+def test_same_named_inputs_get_distinct_outputs(tmp_path):
+    paths = [tmp_path / "a" / "photo.jpg", tmp_path / "b" / "photo.jpg", tmp_path / "c.png"]
+    names = output_names(paths)
+    assert len(set(names)) == 3 and names[2] == "c_reconstruction.png"
+    assert names[0].endswith("a_photo_reconstruction.png") and names[1].endswith("b_photo_reconstruction.png")
+    with pytest.raises(ValueError, match="same output"):
+        output_names([Path("x/photo.jpg"), Path("x/photo.jpg")])
+
+
+@pytest.mark.parametrize("argv", [["--max-pixels", "0"], ["--size", "-16", "-16"]])
+def test_nonsense_sizes_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["reconstruct", *argv])
+    assert info.value.code == 2 and "positive integer" in capsys.readouterr().err
+
+
+def test_refiner_flag_without_an_attached_refiner_fails_before_generating():
+    from dualvitok.unified.cli_support import attach_refiner
+
+    class Model:
+        refiner = None
+
+        def generate_image(self, *args, **kwargs):  # pragma: no cover - must not be reached
+            raise AssertionError("generated before checking the refiner")
+
+    model = Model()
+    assert attach_refiner(model, None) is model
+    with pytest.raises(ValueError, match="--refiner PATH"):
+        attach_refiner(model, "attached")
