@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .version import __version__
 
-COMMANDS = ("reconstruct", "evaluate", "train", "encode", "chat", "generate", "edit", "train-refiner", "info")
+COMMANDS = ("reconstruct", "evaluate", "train", "encode", "decode", "chat", "generate", "edit", "train-refiner", "info")
 
 
 def _module_name(command: str) -> str:

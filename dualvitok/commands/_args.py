@@ -86,3 +86,19 @@ def dtype_of(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def image_side(text: str) -> int:
+    """argparse type: an image side, a positive multiple of 16 (``--size H W``)."""
+    value = int(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"image sides must be positive multiples of 16, got {value}")
+    return value
+
+
+def max_pixels(text: str) -> int:
+    """argparse type: the area bound of the size policy, at least 32 * 32 (the smallest image the policy makes)."""
+    value = int(text)
+    if value < 32 * 32:
+        raise argparse.ArgumentTypeError(f"must be at least 1024 (32x32, the smallest image size), got {value}")
+    return value
