@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ._utils.locking import OutputLockedError
 from .version import __version__
 
 COMMANDS = ("reconstruct", "evaluate", "train", "encode", "decode", "chat", "generate", "edit", "train-refiner", "info")
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+    except (ValueError, FileNotFoundError, OSError, ImportError, OutputLockedError) as e:
         if args.verbose:
             raise
         print(f"dualvitok {args.command}: error: {e}", file=sys.stderr)

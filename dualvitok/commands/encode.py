@@ -1,4 +1,4 @@
-"""``dualvitok encode INPUT... --output DIR``: pretokenize images into token shards (see dualvitok.tokens, docs/tokens.md).
+"""``dualvitok encode INPUT... --output DIR``: pretokenize images into token shards (docs/tokens.md).
 
 Inputs are folders, webdataset tar shards, parquet/arrow tables or file lists (:mod:`dualvitok.sources`). DataLoader
 workers decode and resize while the model runs; under ``torchrun`` every rank encodes a disjoint, deterministic part
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ._args import (add_batch_size, add_device, add_dtype, add_model, add_num_workers, add_output, add_progress,
-                    add_resume, dtype_of, image_side, max_pixels, positive_int)
+from . import _args
+from ._args import dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +34,22 @@ def add_parser(subparsers) -> None:
                     "with JSON-lines indexes (docs/tokens.md). Runs on one CPU, one GPU or under torchrun on many "
                     "(each rank writes its own shards). Unreadable images are skipped and listed in skipped.jsonl.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=INPUT_HELP)
-    add_output(p, None, "token folder")
-    add_model(p)
-    add_device(p)
-    add_dtype(p, default="bfloat16",
+    _args.add_output(p, None, "token folder")
+    _args.add_model(p)
+    _args.add_device(p)
+    _args.add_dtype(p, default="bfloat16",
               help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference.optimize_for_inference: "
                    "pixel indices equal float32's), float32 the reference path")
-    add_batch_size(p, 8)
-    add_num_workers(p)
-    add_resume(p)
-    add_progress(p)
-    p.add_argument("--size", type=image_side, nargs=2, metavar=("H", "W"),
+    _args.add_batch_size(p, 8)
+    _args.add_num_workers(p)
+    _args.add_resume(p)
+    _args.add_progress(p)
+    p.add_argument("--size", type=_args.image_side, nargs=2, metavar=("H", "W"),
                    help="resize every image to H x W (multiples of 16) instead of the size policy (default: policy)")
-    p.add_argument("--max-pixels", type=max_pixels, default=512 * 512,
+    p.add_argument("--max-pixels", type=_args.max_pixels, default=512 * 512,
                    help="area bound of the size policy (default: 262144 = 512*512)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard file (default: 1000)")
-    p.add_argument("--limit", type=positive_int, default=None,
+    p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard file (default: 1000)")
+    p.add_argument("--limit", type=_args.positive_int, default=None,
                    help="encode only the first N images of the inputs (default: all)")
     p.add_argument("--image-column", default=None,
                    help="image column of parquet/arrow inputs (default: 'image', 'img', 'jpg', ... or the first "
@@ -82,8 +82,11 @@ def _our_files(out: Path) -> list[Path]:
     from ..tokens import META_NAME, SKIPPED_NAME, index_files
 
     names = [out / META_NAME, out / SKIPPED_NAME, *index_files(out), *out.glob("tokens-*.safetensors")]
-    temps = [p for p in out.glob(".*.tmp*") if p.name.startswith((".tokens-", ".index", ".meta.json", ".skipped"))]
-    return [p for p in names + temps if p.exists()]
+    return [p for p in names if p.exists()]
+
+
+def _our_temp_files(out: Path) -> list[Path]:
+    return [p for p in out.glob(".*.tmp*") if p.name.startswith((".tokens-", ".index", ".meta.json", ".skipped"))]
 
 
 def prepare_output(out: Path, meta: dict, resume: bool, overwrite: bool) -> str:
@@ -95,10 +98,10 @@ def prepare_output(out: Path, meta: dict, resume: bool, overwrite: bool) -> str:
     from .._utils.io import write_json
     from ..tokens import META_NAME, read_meta
 
-    files = _our_files(out)
+    files = _our_files(out)  # temp files of an interrupted run are removed later (tokens.clean_folder)
     if files and overwrite:
         logger.info("--overwrite: removing %d file(s) of the previous run in %s", len(files), out)
-        for p in files:
+        for p in files + _our_temp_files(out):
             p.unlink(missing_ok=True)
         files = []
     if not files:
