@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from dualvitok import DualViTok, ImageProcessor, create_model
@@ -46,7 +47,7 @@ def _direct(model_dir: Path, images: Path, size=(32, 32)) -> dict[str, tuple[tor
     processor = ImageProcessor(size=size)
     result = {}
     for p in sorted(images.rglob("*.jpg")):
-        if p.name == "broken.jpg":
+        if p.name == "broken.jpg" or not p.is_file():
             continue
         with torch.no_grad():
             enc = model.encode(processor(p))
@@ -71,10 +72,12 @@ def _check_folder(out: Path, expected: dict) -> None:
 
 def test_encode_folder_matches_direct_encoding_and_resumes(setup, sample_image_paths, capsys):
     tmp_path, images, out, args = setup
+    (images / "folder.jpg").mkdir()  # named like an image: counted and listed, not silently ignored
     assert main([*args, "--dtype", "float32"]) == 0
-    assert "skipped 1 unreadable: broken.jpg" in capsys.readouterr().out
+    assert "skipped 2 unreadable: folder.jpg, broken.jpg" in capsys.readouterr().out
     skipped = [json.loads(line) for line in (out / SKIPPED_NAME).read_text().splitlines()]
-    assert [s["path"] for s in skipped] == ["broken.jpg"] and "cannot identify image" in skipped[0]["reason"]
+    assert [s["path"] for s in skipped] == ["folder.jpg", "broken.jpg"]
+    assert "a directory" in skipped[0]["reason"] and "cannot identify image" in skipped[1]["reason"]
     expected = _direct(tmp_path / "model", images)
     _check_folder(out, expected)
     header = shard_metadata(sorted(out.glob("tokens-*.safetensors"))[0])
@@ -234,6 +237,26 @@ def test_cli_edges_are_clear_errors(setup, capsys, extra, message):
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     code = main(["encode", str(tmp_path / "nope"), "--output", str(tmp_path / "t"), "--model", "dualvitok_tiny"])
     assert code == 1 and "input not found" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_an_image_the_model_refuses_is_skipped_not_fatal(setup, monkeypatch, capsys):
+    """A batch the model rejects (ValueError) is retried image by image; only the refused image is skipped."""
+    tmp_path, images, out, args = setup
+    original = DualViTok.encode
+
+    def picky(self, x):
+        if (x.std(dim=(1, 2, 3)) < 0.01).any():  # a flat image
+            raise ValueError("refused")
+        return original(self, x)
+
+    white = images / "white.jpg"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
+    monkeypatch.setattr(DualViTok, "encode", picky)
+    assert main([*args, "--dtype", "float32"]) == 0
+    assert "white.jpg" in capsys.readouterr().out
+    keys = {r["path"] for r in read_index(out)}
+    assert "white.jpg" not in keys and len(keys) == 5
 
 
 def test_encode_keeps_freed_memory_unless_told_not_to(setup, monkeypatch):

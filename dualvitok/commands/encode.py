@@ -183,8 +183,8 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
 
     out = Path(args.output)
     rank, world = info.rank, info.world_size
+    source = open_sources(args.inputs, args.image_column, args.limit)  # bad inputs fail before --output is made
     with output_lock(out, "encode", rank=rank):
-        source = open_sources(args.inputs, args.image_column, args.limit)
         model = load_model(args.model, device=device).eval()
         fingerprint = model_fingerprint(model)
         meta = build_meta(args, model, fingerprint)
@@ -231,13 +231,25 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
         bar = tqdm(total=mine, unit="img", desc="encode", disable=args.no_progress or not info.is_main)
         start = time.perf_counter()
 
+        def encode(items: list[dict]):
+            with torch.inference_mode():
+                return model.encode(torch.stack([s["image"] for s in items]).to(device))
+
         def flush_group(shape: tuple[int, int]) -> None:
             items = pending.pop(shape)
-            x = torch.stack([s["image"] for s in items]).to(device)
-            with torch.inference_mode():
-                enc = model.encode(x)
-            for s, sem, pix in zip(items, enc.semantic_indices, enc.pixel_indices, strict=True):
-                writer.add(s["key"], sem, pix, shape[0], shape[1], s["source_size"])
+            try:
+                results = [(items, encode(items))]
+            except ValueError:  # an input the model refuses: encode one by one, skip (and list) the refused ones
+                results = []
+                for s in items:
+                    try:
+                        results.append(([s], encode([s])))
+                    except ValueError as e:
+                        skipped.append({"path": s["key"], "reason": f"the model refused it: {e}"})
+                        logger.warning("skipping %s: the model refused it: %s", s["key"], e)
+            for group, enc in results:
+                for s, sem, pix in zip(group, enc.semantic_indices, enc.pixel_indices, strict=True):
+                    writer.add(s["key"], sem, pix, shape[0], shape[1], s["source_size"])
             bar.update(len(items))
             bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
 
