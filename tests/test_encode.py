@@ -284,3 +284,28 @@ def test_two_torchrun_processes_write_one_index(setup):
     shards = {p.name[:11] for p in out.glob("tokens-*.safetensors")}
     assert shards == {"tokens-r000", "tokens-r001"}
     _check_folder(out, _direct(tmp_path / "model", images))
+
+
+def test_disk_full_names_the_file_and_resume_completes(setup, monkeypatch, capsys):
+    """ENOSPC while writing the second shard: a clear error naming it; the first shard stays; a resume completes."""
+    import errno
+
+    import dualvitok.tokens
+
+    tmp_path, images, out, args = setup
+    original, calls = dualvitok.tokens.save_file, []
+
+    def full_after_one(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(dualvitok.tokens, "save_file", full_after_one)
+    assert main([*args, "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "tokens-r000-00001.safetensors" in err
+    assert len(read_index(out)) == 2 and not [p for p in out.iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+    assert main([*args, "--dtype", "float32", "--resume"]) == 0
+    _check_folder(out, _direct(tmp_path / "model", images))
