@@ -35,6 +35,8 @@ from pathlib import Path
 from _common import machine, table
 
 ROOT = Path(__file__).resolve().parents[1]
+CHILD_NOTE = ("*`ru_maxrss` of the largest child process: a forked child counts the pages it shares with the main "
+              "process, and even without workers a short-lived child (glibc's `find_library` helper) is counted.")
 
 CHILD = r"""
 import json, resource, sys
@@ -144,7 +146,7 @@ def main() -> None:
             lines += [f"## DataLoader workers ({args.files} files at {args.size}x{args.size}, {args.threads} torch "
                       "thread(s))", "",
                       table(["workers", "images", "encode s", "images/s", "vs 0 workers", "peak RSS MB",
-                             "worker peak RSS MB"], rows), ""]
+                             "largest child's peak RSS MB*"], rows), "", CHILD_NOTE, ""]
         if "procs" in args.parts:
             rows = []
             for label, procs, threads in (("1 process, 1 thread", 1, 1), ("2 torchrun processes, 1 thread each", 2, 1),
@@ -165,7 +167,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
             lines += [f"## Peak RSS vs number of files (photos downscaled to 128 px, encoded at "
                       f"{args.rss_size}x{args.rss_size}, 1 worker)", "",
-                      table(["files", "images/s", "main peak RSS MB", "worker peak RSS MB"], rows), ""]
+                      table(["files", "images/s", "main peak RSS MB", "largest child's peak RSS MB*"], rows), "",
+                      CHILD_NOTE, ""]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lines += [f"Load average after: {load()}."]

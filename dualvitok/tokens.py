@@ -390,7 +390,9 @@ class IterableTokenDataset(IterableDataset):
     """A token folder as an iterable torch Dataset: shard by shard, one shard in memory per worker.
 
     Shards are dealt round robin to every (rank, DataLoader worker) pair, so under torchrun and with workers each
-    record is read exactly once per epoch. ``shuffle`` permutes the shards and the records inside each shard, with
+    record is read exactly once per epoch (ranks get whole shards: with fewer shards than ranks x workers some get
+    none; encode with a smaller ``--shard-size`` then). For the map-style dataset use a ``DistributedSampler``.
+    ``shuffle`` permutes the shards and the records inside each shard, with
     ``seed + epoch`` (call :meth:`set_epoch` each epoch). Samples as :class:`TokenDataset`.
     """
 
@@ -414,11 +416,12 @@ class IterableTokenDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         from ._utils.distributed import is_distributed
 
-        rank, world = 0, 1
         if is_distributed():
             import torch.distributed as dist
 
             rank, world = dist.get_rank(), dist.get_world_size()
+        else:  # DataLoader workers of a torchrun process: torchrun's environment
+            rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         consumers, me = world * workers, rank * workers + worker

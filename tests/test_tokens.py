@@ -83,6 +83,13 @@ def test_iterable_dataset_reads_each_record_once_per_epoch(folder):
     for workers in (0, 2):
         paths = [s["path"] for s in DataLoader(ds, batch_size=None, num_workers=workers)]
         assert sorted(paths) == sorted(truth), workers
+    parts = []
+    for rank in (0, 1):  # torchrun's environment, as DataLoader workers of each rank see it
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RANK", str(rank))
+            mp.setenv("WORLD_SIZE", "2")
+            parts.append([s["path"] for s in DataLoader(ds, batch_size=None, num_workers=2)])
+    assert sorted(parts[0] + parts[1]) == sorted(truth) and not set(parts[0]) & set(parts[1])
     shuffled = IterableTokenDataset(path, shuffle=True, seed=1)
     first = [s["path"] for s in shuffled]
     shuffled.set_epoch(1)

@@ -281,9 +281,10 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
 
             from .._utils.io import json_path
 
+            lines = [json.dumps({"path": json_path(s["path"]), "reason": json_path(s["reason"])}) + "\n"
+                     for s in all_skipped]
             with atomic_write(out / SKIPPED_NAME) as tmp:
-                tmp.write_text("".join(json.dumps({"path": json_path(s["path"]), "reason": s["reason"]}) + "\n"
-                                       for s in all_skipped), encoding="utf-8")
+                tmp.write_text("".join(lines), encoding="utf-8")
         barrier()
         if not info.is_main:
             return 0
