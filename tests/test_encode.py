@@ -309,3 +309,9 @@ def test_disk_full_names_the_file_and_resume_completes(setup, monkeypatch, capsy
     monkeypatch.undo()
     assert main([*args, "--dtype", "float32", "--resume"]) == 0
     _check_folder(out, _direct(tmp_path / "model", images))
+
+
+def test_deprecated_fp32_flag_means_dtype_float32(setup, caplog):
+    _, _, out, args = setup
+    assert main([*args, "--fp32", "--limit", "2"]) == 0
+    assert json.loads((out / "meta.json").read_text())["dtype"] == "float32" and "use --dtype float32" in caplog.text

@@ -137,3 +137,33 @@ def test_inputs_are_checked(tmp_path, photos):
     source = open_sources([tmp_path / "d"], limit=1)
     assert [i.key for i in source.items] == [photos[0].name]
     assert source.skipped == [("dir.jpg", "a directory, not an image file")]
+
+
+def test_encode_cli_on_a_tar_shard_and_a_parquet_file(tiny_model, tmp_path, photos):
+    """The keys in the index map every record back to its shard member / table row; tokens equal direct encoding."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from dualvitok import DualViTok
+    from dualvitok.cli import main
+    from dualvitok.tokens import iter_tokens
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    with tarfile.open(tmp_path / "shard.tar.gz", "w:gz") as tar:
+        for i, p in enumerate(photos[:2]):
+            _add(tar, f"s{i}.jpg", p.read_bytes())
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in photos[2:4]]}), tmp_path / "t.parquet")
+    out = tmp_path / "tokens"
+    assert main(["encode", str(tmp_path / "shard.tar.gz"), str(tmp_path / "t.parquet"), "--output", str(out),
+                 "--model", str(tmp_path / "model"), "--size", "32", "32", "--dtype", "float32", "--num-workers", "1",
+                 "--no-progress", "--default-malloc"]) == 0
+    sources = {"shard.tar.gz/s0.jpg": photos[0], "shard.tar.gz/s1.jpg": photos[1], "t.parquet#0": photos[2],
+               "t.parquet#1": photos[3]}
+    model = DualViTok.from_pretrained(tmp_path / "model")
+    records = list(iter_tokens(out))
+    assert sorted(r.path for r in records) == sorted(sources)
+    for r in records:
+        with torch.no_grad():
+            enc = model.encode(PROCESSOR(sources[r.path]))
+        assert torch.equal(r.pixel_indices, enc.pixel_indices[0]) and torch.equal(r.semantic_indices,
+                                                                                  enc.semantic_indices[0])
