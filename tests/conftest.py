@@ -1,4 +1,10 @@
-"""Shared fixtures. Tests run offline on CPU; the conformance data is expected at ../shared/conformance."""
+"""Shared fixtures. Tests run offline on CPU.
+
+Conformance runs against two sets: the compact one shipped in ``tests/data/conformance`` (always; made by
+``tests/data/make_fixtures.py``) and the full one in ``../shared/conformance`` (or ``$DUALVITOK_SHARED/conformance``)
+when it is present. A missing full set skips its tests with the reason, and the terminal summary says so; with
+``DUALVITOK_REQUIRE_SHARED=1`` (CI with the shared folder) a missing full set is a failure.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DUALVITOK_SHARED", REPO_ROOT.parent / "shared"))
 CONFORMANCE = SHARED / "conformance"
 REFERENCE = SHARED / "reference"
+DATA = REPO_ROOT / "tests" / "data"
+CONFORMANCE_SETS = {"compact": DATA / "conformance", "full": CONFORMANCE}
+_MISSING_SETS: dict[str, str] = {}  # name -> why, reported by pytest_terminal_summary
+_USED_SETS: dict[str, Path] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -22,12 +32,24 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope="session")
-def conformance_dir() -> Path:
-    """``../shared/conformance``; a missing folder is a failure, not a skip."""
-    if not (CONFORMANCE / "cases.json").is_file():
-        pytest.fail(f"conformance data not found at {CONFORMANCE} (set DUALVITOK_SHARED to the shared/ folder)")
-    return CONFORMANCE
+def _missing(name: str, message: str) -> None:
+    _MISSING_SETS[name] = message
+    if os.environ.get("DUALVITOK_REQUIRE_SHARED", "") not in ("", "0"):
+        pytest.fail(f"{message} (DUALVITOK_REQUIRE_SHARED is set)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session", params=list(CONFORMANCE_SETS))
+def conformance_dir(request) -> Path:
+    """A conformance set: ``compact`` (shipped; missing is a failure) or ``full`` (``../shared``; missing skips)."""
+    name, path = request.param, CONFORMANCE_SETS[request.param]
+    if not (path / "cases.json").is_file():
+        if name == "compact":
+            pytest.fail(f"the compact conformance set is missing at {path}: run tests/data/make_fixtures.py")
+        _missing(name, f"full conformance set not found at {path}: its tests are skipped "
+                       "(set DUALVITOK_SHARED to the shared/ folder to run them)")
+    _USED_SETS[name] = path
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +79,19 @@ def sample_image_paths():
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``../shared/reference``; missing is a failure."""
-    if not (REFERENCE / "dualvitok_state_dict.txt").is_file():
-        pytest.fail(f"reference facts not found at {REFERENCE} (set DUALVITOK_SHARED to the shared/ folder)")
-    return REFERENCE
+    """Reference facts (``dualvitok_state_dict.txt``): ``../shared/reference``, else the copy in ``tests/data``."""
+    for path in (REFERENCE, DATA / "reference"):
+        if (path / "dualvitok_state_dict.txt").is_file():
+            return path
+    pytest.fail(f"reference facts not found at {REFERENCE} nor {DATA / 'reference'}: run tests/data/make_fixtures.py")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say which conformance sets ran and which were missing (never a silent skip)."""
+    if not _USED_SETS and not _MISSING_SETS:
+        return
+    terminalreporter.section("conformance data")
+    for name, path in _USED_SETS.items():
+        terminalreporter.write_line(f"{name} set: {path}")
+    for name, why in _MISSING_SETS.items():
+        terminalreporter.write_line(f"{name} set MISSING: {why}", yellow=True)

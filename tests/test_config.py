@@ -46,10 +46,13 @@ def test_reference_config_conversion(conformance_dir, caplog):
     with caplog.at_level(logging.WARNING):
         config = DualViTokConfig.from_reference({"vq_model": data})
     assert "infer_interpolate" in caplog.text
-    assert config.semantic_encoder.semantic_encoder_config.depth == 2
-    assert config.pixel_decoder.z_channels == 16
+    tower = data["semantic_encoder"]["semantic_encoder_config"]
+    assert config.semantic_encoder.semantic_encoder_config.depth == tower["depth"]
+    assert config.semantic_encoder.semantic_encoder_config.hidden_size == tower["hidden_size"]
+    assert config.pixel_decoder.z_channels == data["pixel_decoder"]["z_channels"]
     assert config.pixel_drop_rate is None
-    assert config.to_dict()["pixel_encoder"]["ch_mult"] == [1, 1, 2, 2, 4]
+    assert config.to_dict()["pixel_encoder"]["ch_mult"] == data["pixel_encoder"]["ch_mult"]
+    assert config.to_dict()["pixel_decoder"]["ch_mult"] == data["pixel_decoder"]["ch_mult"]
 
 
 def test_released_defaults():
