@@ -1,10 +1,12 @@
 """Generation / editing resolutions: the 11 aspect-ratio anchors, anchor matching and white resize-with-padding.
 
-Follows ILLUME+ (``illume/data/aspect_ratio_utils.py`` ``RATIOS`` / ``AspectRatioCrop`` in inference mode and the
-processor's ``unpad_and_resize_back`` in ``illume-unified-mllm/ILLUME_plus``): the anchor with the closest w/h ratio
-is chosen (ties broken by area distance), the image is resized to fit inside it and padded with white. Difference:
-the padding is centred and the box is returned explicitly (the reference's exact offsets are not specified in the
-reference notes).
+Follows ILLUME+ (``illume-unified-mllm/ILLUME_plus``: ``ILLUME/illume/data/aspect_ratio_utils.py`` ``RATIOS`` /
+``AspectRatioCrop`` in inference mode, ``ILLUME/illume/data/data_utils.py`` ``resize_with_padding`` and
+``unpad_and_resize_back``): the anchor with the closest w/h ratio is chosen (ties broken by area distance); the image
+is resized with Lanczos to ``int(side * ratio)`` (truncated), ``ratio = min(W / w, H / h)``, and padded with white,
+``delta // 2`` on the left and top and the rest on the right and bottom. The way back recomputes that box from the
+size of the image it is given (so a 2x refiner output is cropped at twice the offsets) and resizes with Lanczos.
+The only addition: the box is also returned, as a :class:`PaddingBox`.
 """
 
 from __future__ import annotations
@@ -41,22 +43,36 @@ class PaddingBox:
     canvas_height: int
 
 
+def _fit(width: int, height: int, canvas_width: int, canvas_height: int) -> tuple[int, int, int, int]:
+    """``(left, top, w, h)`` of a ``width x height`` image fitted into the canvas as the reference does."""
+    ratio = min(canvas_width / width, canvas_height / height)
+    w, h = int(width * ratio), int(height * ratio)
+    return (canvas_width - w) // 2, (canvas_height - h) // 2, w, h
+
+
 def pad_to_size(image: Image.Image, height: int, width: int, fill=(255, 255, 255)) -> tuple[Image.Image, PaddingBox]:
-    """Resize ``image`` (bicubic) to fit ``height x width`` keeping its aspect ratio, pad with ``fill`` (centred)."""
-    scale = min(width / image.width, height / image.height)
-    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    """Resize ``image`` (Lanczos) to fit ``height x width`` keeping its aspect ratio and pad it with ``fill``.
+
+    As the reference's ``resize_with_padding``: sides ``int(side * ratio)``, padding ``delta // 2`` left and top.
+    Returns the ``height x width`` RGB canvas and where the image sits in it.
+    """
+    if height < 1 or width < 1 or image.width < 1 or image.height < 1:
+        raise ValueError(f"cannot pad a {image.width}x{image.height} image to {width}x{height} (width x height)")
+    left, top, w, h = _fit(image.width, image.height, width, height)
+    if w < 1 or h < 1:
+        raise ValueError(f"a {image.width}x{image.height} image (width x height) would be resized to {w}x{h} in a "
+                         f"{width}x{height} canvas: its aspect ratio is too extreme; crop it first")
     canvas = Image.new("RGB", (width, height), fill)
-    left, top = (width - w) // 2, (height - h) // 2
-    canvas.paste(image.convert("RGB").resize((w, h), Image.BICUBIC), (left, top))
+    canvas.paste(image.convert("RGB").resize((w, h), Image.LANCZOS), (left, top))
     return canvas, PaddingBox(left, top, w, h, image.width, image.height, width, height)
 
 
 def unpad_and_resize(image: Image.Image, box: PaddingBox) -> Image.Image:
-    """Crop the padding of a generated image and resize to the original size.
+    """Crop the padding of a generated image and resize it (Lanczos) to the original size.
 
-    The image may be larger than the canvas (the refiner's 2x output): the box is scaled to it.
+    As the reference's ``unpad_and_resize_back``: the box is recomputed from ``image``'s own size and the original
+    size, so an image larger than the canvas (the refiner's 2x output) is cropped at its own scale.
     """
-    sx, sy = image.width / box.canvas_width, image.height / box.canvas_height
-    cropped = image.crop((round(box.left * sx), round(box.top * sy), round((box.left + box.width) * sx),
-                          round((box.top + box.height) * sy)))
-    return cropped.resize((box.original_width, box.original_height), Image.BICUBIC)
+    left, top, w, h = _fit(box.original_width, box.original_height, image.width, image.height)
+    cropped = image.crop((left, top, left + w, top + h))
+    return cropped.resize((box.original_width, box.original_height), Image.LANCZOS)
