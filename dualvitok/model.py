@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -118,6 +119,10 @@ class DualViTok(HubMixin, nn.Module):
         if lo < -1.5 or hi > 1.5:
             raise ValueError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; for 0..255 data use "
                              "x / 127.5 - 1, for 0..1 data use 2 * x - 1")
+        if lo >= 0.0:  # no extra sync: lo is already on the host
+            warnings.warn(f"images are all in [0, 1] (values in [{lo:.3g}, {hi:.3g}]) but DualViTok expects [-1, 1]: "
+                          "convert 0..1 data with 2 * x - 1 (dualvitok.ImageProcessor does this); ignore this if "
+                          "the images really are that bright", UserWarning, stacklevel=3)
 
     def _check_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> None:
         for name, idx in (("semantic_indices", semantic_indices), ("pixel_indices", pixel_indices)):
