@@ -4,14 +4,24 @@ The top-level keys (``semantic_encoder``, ``semantic_quantizer``, ``semantic_dec
 ``pixel_quantizer``, ``pixel_decoder`` and the noise keys) and their fields are those of the ILLUME+ configs
 (``configs/example/dualvitok/*.py``), so a reference config converts by name. Defaults are the released
 ``dualvitok_anyres_max512`` architecture.
+
+Every value is checked before anything is built: types (``"codebook_size": "512"`` is refused, not coerced), ranges
+(positive sizes, probabilities in [0, 1], widths divisible by the head count and by the 32 groups of the MoVQ
+GroupNorm) and the estimated parameter count (:meth:`DualViTokConfig.estimate_num_parameters`, within about 2% of
+the real count) against ``DUALVITOK_MAX_PARAMS`` (default 10 B, 40 GB in float32), so that a few bytes of config
+cannot allocate without bound. Errors are ``ValueError``s that name the field (and the file, for
+:meth:`DualViTokConfig.from_json_file` / :meth:`DualViTokConfig.from_reference`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +33,95 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONFIG_VERSION = 1
+DEFAULT_MAX_PARAMS = 10_000_000_000
+"""Default bound on a config's estimated parameter count; override with the ``DUALVITOK_MAX_PARAMS`` variable."""
+GROUP_NORM_GROUPS = 32  # the MoVQ blocks' GroupNorm (dualvitok.blocks.norm)
+
+
+class ConfigFieldError(ValueError):
+    """A config value has the wrong type or range; ``field`` is its dotted path (e.g. ``pixel_encoder.ch``)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"invalid config: {field} {message}" if field else f"invalid config: {message}")
+
+    def within(self, prefix: str) -> ConfigFieldError:
+        """The same error for a field nested under ``prefix``."""
+        return ConfigFieldError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
+
+
+def max_params() -> int:
+    """The parameter-count bound: ``$DUALVITOK_MAX_PARAMS`` or :data:`DEFAULT_MAX_PARAMS`."""
+    value = os.environ.get("DUALVITOK_MAX_PARAMS", "")
+    if not value:
+        return DEFAULT_MAX_PARAMS
+    try:
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"DUALVITOK_MAX_PARAMS must be a number, got {value!r}") from None
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_type(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked against the annotation ``hint`` (ints accepted for floats, lists for tuples)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigFieldError(name, f"must be true or false, got {_describe(value)}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigFieldError(name, f"must be an integer, got {_describe(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigFieldError(name, f"must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigFieldError(name, f"must be finite, got {value!r}")
+        return float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigFieldError(name, f"must be a string, got {_describe(value)}")
+    elif typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigFieldError(name, f"must be a list, got {_describe(value)}")
+        return tuple(_check_type(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _check_fields(config: Any) -> None:
+    """Types of every field and the ranges in ``config._RANGES`` (``name: (low, high)``, ``None``: unbounded)."""
+    for f in dataclasses.fields(config):
+        hint = _hints(type(config))[f.name]
+        if dataclasses.is_dataclass(hint):
+            continue
+        value = _check_type(getattr(config, f.name), hint, f.name)
+        object.__setattr__(config, f.name, value)
+        low, high = getattr(config, "_RANGES", {}).get(f.name, (None, None))
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            where = f"{f.name}[{i}]" if isinstance(value, tuple) else f.name
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            if (low is not None and v < low) or (high is not None and v > high):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ConfigFieldError(where, f"must be {bounds}, got {v!r}")
+
+
+def _divisible(config: Any, name: str, by: int, why: str) -> None:
+    value = getattr(config, name)
+    if value % by:
+        raise ConfigFieldError(name, f"({value}) must be divisible by {by} ({why})")
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], strict: bool, path: str) -> T:
@@ -30,7 +129,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], strict: bool, path: str) -> T
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise TypeError(f"config {path or 'root'} must be a dict, got {type(data).__name__}")
+        raise ConfigFieldError("", f"{path or 'the config'} must be a JSON object (dict), got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -43,10 +142,14 @@ def _from_dict(cls: type[T], data: dict[str, Any], strict: bool, path: str) -> T
         if name not in fields:
             continue
         sub = _NESTED.get((cls.__name__, name))
-        if sub is not None and value is not None:
-            value = _from_dict(sub, value, strict, f"{path}.{name}" if path else name)
-        elif isinstance(value, list):
-            value = tuple(value)
+        if sub is not None:
+            if not isinstance(value, (dict, sub)):
+                raise ConfigFieldError(name, f"must be an object (a dict of {sub.__name__} fields), got "
+                                             f"{_describe(value)}")
+            try:
+                value = _from_dict(sub, value, strict, f"{path}.{name}" if path else name)
+            except ConfigFieldError as e:
+                raise e.within(name) from None
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -68,6 +171,15 @@ class _ConfigMixin:
 class VisionTowerConfig(Qwen2VisionConfig, _ConfigMixin):
     """The frozen Qwen2-VL vision tower (reference key ``semantic_encoder.semantic_encoder_config``)."""
 
+    _RANGES: typing.ClassVar[dict] = {"depth": (1, None), "embed_dim": (1, None), "num_heads": (1, None),
+                                      "hidden_size": (1, None), "mlp_ratio": (1e-3, None), "in_channels": (1, None),
+                                      "patch_size": (1, None), "spatial_merge_size": (1, None),
+                                      "temporal_patch_size": (1, None)}
+
+    def __post_init__(self):
+        _check_fields(self)
+        _divisible(self, "embed_dim", self.num_heads, f"num_heads = {self.num_heads}")
+
 
 @dataclass
 class SemanticEncoderConfig(_ConfigMixin):
@@ -85,6 +197,13 @@ class SemanticEncoderConfig(_ConfigMixin):
     semantic_encoder_config: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     timm_model: str | None = None  # None: the Qwen2-VL tower; else a timm ViT name (dualvitok.timm_tower, extra timm)
 
+    _RANGES: typing.ClassVar[dict] = {"num_blocks": (1, None), "z_channels": (1, None), "embed_dim": (1, None),
+                                      "num_heads": (1, None), "mlp_ratio": (1e-3, None)}
+
+    def __post_init__(self):
+        _check_fields(self)
+        _divisible(self, "embed_dim", self.num_heads, f"num_heads = {self.num_heads}")
+
 
 @dataclass
 class SemanticDecoderConfig(_ConfigMixin):
@@ -99,6 +218,13 @@ class SemanticDecoderConfig(_ConfigMixin):
     num_heads: int = 16
     mlp_ratio: float = 4.0
 
+    _RANGES: typing.ClassVar[dict] = {"z_channels": (1, None), "embed_dim": (1, None), "output_channels": (1, None),
+                                      "num_blocks": (1, None), "num_heads": (1, None), "mlp_ratio": (1e-3, None)}
+
+    def __post_init__(self):
+        _check_fields(self)
+        _divisible(self, "embed_dim", self.num_heads, f"num_heads = {self.num_heads}")
+
 
 @dataclass
 class QuantizerConfig(_ConfigMixin):
@@ -109,6 +235,13 @@ class QuantizerConfig(_ConfigMixin):
     codebook_size: int = 32768
     channel_first: bool = True
     rotation_trick: bool = False
+
+    _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None)}
+
+    def __post_init__(self):
+        _check_fields(self)
+        if self.type not in ("SimVQ", "VectorQuantizer"):
+            raise ConfigFieldError("type", f"must be 'SimVQ' or 'VectorQuantizer', got {self.type!r}")
 
 
 @dataclass
@@ -127,6 +260,21 @@ class MoVQConfig(_ConfigMixin):
     out_channels: int = 3
     use_dc_up_down_blocks: bool = True
     codebook_size: int | None = None  # present in the reference config, unused
+
+    _RANGES: typing.ClassVar[dict] = {"ch": (1, None), "ch_mult": (1, None), "num_res_blocks": (1, None),
+                                      "attn_resolutions": (0, None), "z_channels": (1, None), "embed_dim": (1, None),
+                                      "dropout": (0.0, 1.0), "in_channels": (1, None), "out_channels": (1, None),
+                                      "codebook_size": (1, None)}
+
+    def __post_init__(self):
+        _check_fields(self)
+        if not 1 <= len(self.ch_mult) <= 12:
+            raise ConfigFieldError("ch_mult", f"must have 1 to 12 levels, got {len(self.ch_mult)}")
+        for i, mult in enumerate(self.ch_mult):
+            if (self.ch * mult) % GROUP_NORM_GROUPS:
+                raise ConfigFieldError(f"ch_mult[{i}]", f"gives {self.ch} * {mult} = {self.ch * mult} channels, not "
+                                                        f"divisible by the {GROUP_NORM_GROUPS} GroupNorm groups "
+                                                        "(use ch a multiple of 32)")
 
 
 def _default_pixel_decoder() -> MoVQConfig:
@@ -148,7 +296,14 @@ class DualViTokConfig(_ConfigMixin):
     pixel_noise_type: str = "random"  # 'random' (reference), 'zero' or 'uniform'
     config_version: int = CONFIG_VERSION
 
+    _RANGES: typing.ClassVar[dict] = {"pixel_drop_rate": (0.0, 1.0), "pixel_drop_batch_rate": (0.0, 1.0),
+                                      "config_version": (1, None)}
+
     def __post_init__(self):
+        _check_fields(self)
+        for name, sub in _NESTED.items():
+            if name[0] == "DualViTokConfig" and not isinstance(getattr(self, name[1]), sub):
+                raise ConfigFieldError(name[1], f"must be a {sub.__name__}, got {_describe(getattr(self, name[1]))}")
         se, sq, sd = self.semantic_encoder, self.semantic_quantizer, self.semantic_decoder
         pe, pq, pd = self.pixel_encoder, self.pixel_quantizer, self.pixel_decoder
         checks = [
@@ -175,6 +330,80 @@ class DualViTokConfig(_ConfigMixin):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid DualViTokConfig: {message}")
+        estimate, limit = self.estimate_num_parameters(), max_params()
+        if estimate > limit:
+            raise ConfigFieldError("", f"the config describes about {estimate:,} parameters "
+                                       f"({estimate * 4 / 1e9:.3g} GB "
+                                       f"in float32), above the limit of {limit:,}; check the sizes (codebook_size, "
+                                       "ch, num_res_blocks, depth, ...) or, if it is intended, set "
+                                       "DUALVITOK_MAX_PARAMS to a larger count")
+
+    def estimate_num_parameters(self) -> int:
+        """The parameter count (buffers included) from the sizes alone, within about 2% of the built model's.
+
+        Closed form over the weight matrices and convolutions (biases and norms left out), so it is instant even for
+        a config that would not fit in memory.
+        """
+        se, sq, sd, pe, pq, pd = (self.semantic_encoder, self.semantic_quantizer, self.semantic_decoder,
+                                  self.pixel_encoder, self.pixel_quantizer, self.pixel_decoder)
+
+        def blocks(n: int, c: int, ratio: float) -> int:  # attention (qkv, proj) + MLP
+            return n * int((4 + 2 * ratio) * c * c)
+
+        def res(cin: int, cout: int, zq: int = 0) -> int:  # two 3x3 convs, a 1x1 shortcut, spatial norms
+            return 9 * cin * cout + 9 * cout * cout + (cin * cout if cin != cout else 0) + 2 * zq * (cin + cout)
+
+        def attn(c: int, zq: int = 0) -> int:
+            return 4 * c * c + 2 * zq * c
+
+        n = 0
+        tower = se.semantic_encoder_config
+        if se.timm_model is None:
+            merged = tower.embed_dim * tower.spatial_merge_size ** 2
+            n += tower.in_channels * tower.temporal_patch_size * tower.patch_size ** 2 * tower.embed_dim
+            n += blocks(tower.depth, tower.embed_dim, tower.mlp_ratio) + merged * merged + merged * tower.hidden_size
+            n += tower.hidden_size * se.embed_dim
+        n += blocks(se.num_blocks, se.embed_dim, se.mlp_ratio) + se.embed_dim * se.z_channels
+        n += sd.z_channels * sd.embed_dim + blocks(sd.num_blocks, sd.embed_dim, sd.mlp_ratio)
+        n += sd.embed_dim * sd.output_channels
+        for q in (sq, pq):
+            n += q.codebook_size * q.dim + (q.dim * q.dim if q.type == "SimVQ" else 0)
+        c = pe.ch
+        n += 9 * pe.in_channels * c
+        for i, mult in enumerate(pe.ch_mult):
+            out = pe.ch * mult
+            n += res(c, out) + (pe.num_res_blocks - 1) * res(out, out)
+            c = out
+            if i in pe.attn_resolutions:
+                n += pe.num_res_blocks * attn(out)
+            if i < len(pe.ch_mult) - 1:
+                n += 9 * out * out // 4  # DC down block
+        n += 2 * res(c, c) + attn(c) + 9 * c * pe.z_channels * (2 if pe.double_z else 1)
+        n += pe.z_channels * pe.embed_dim + pd.embed_dim * pd.z_channels
+        zq, c = pd.embed_dim, pd.ch * pd.ch_mult[-1]
+        n += 9 * pd.z_channels * c + 2 * res(c, c, zq) + attn(c, zq)
+        for i in reversed(range(len(pd.ch_mult))):
+            out = pd.ch * pd.ch_mult[i]
+            n += res(c, out, zq) + pd.num_res_blocks * res(out, out, zq)
+            c = out
+            if i in pd.attn_resolutions:
+                n += (pd.num_res_blocks + 1) * attn(out, zq)
+            if i > 0:
+                n += 9 * out * out * 4  # DC up block
+        return n + 2 * zq * c + 9 * c * pd.out_channels
+
+    def check_weights_size(self, num_bytes: int, source: str | os.PathLike = "the weights file") -> None:
+        """Raise ``ValueError`` when a weights file of ``num_bytes`` is far too small for this config.
+
+        The bound is generous (half the size of the estimated count in bfloat16), so it only catches a config that
+        does not belong to the weights (e.g. the released architecture assumed for a tiny checkpoint) before the
+        model is built.
+        """
+        estimate = self.estimate_num_parameters()
+        if num_bytes < estimate:  # < 0.5 * estimate * 2 bytes
+            raise ValueError(f"{os.fspath(source)} has {num_bytes:,} bytes, far too small for the config's about "
+                             f"{estimate:,} parameters (at least {2 * estimate:,} bytes in bfloat16): the config "
+                             "does not describe these weights")
 
     @property
     def pixel_downsample_factor(self) -> int:
@@ -188,10 +417,11 @@ class DualViTokConfig(_ConfigMixin):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, strict: bool = True) -> DualViTokConfig:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        data.pop("model_type", None)
-        return cls.from_dict(data, strict=strict)
+        """Read a ``config.json`` written by :meth:`to_json_file`; any problem is a ``ValueError`` naming the file."""
+        data = _read_json(path)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "model_type"}
+        return _with_source(path, cls.from_dict, data, strict=strict)
 
     @classmethod
     def from_reference(cls, data: dict[str, Any] | str | os.PathLike) -> DualViTokConfig:
@@ -199,14 +429,37 @@ class DualViTokConfig(_ConfigMixin):
 
         Keys this library does not model (e.g. ``infer_interpolate``, ``vq_ckpt``) are logged and ignored.
         """
+        source = None
         if not isinstance(data, dict):
-            with open(data, encoding="utf-8") as f:
-                data = json.load(f)
+            source, data = data, _read_json(data)
+            if not isinstance(data, dict):
+                raise ValueError(f"{os.fspath(source)}: a config must be a JSON object, got {_describe(data)}")
         for wrapper in ("vq_model", "config"):
             if wrapper in data and isinstance(data[wrapper], dict) and "semantic_encoder" not in data:
                 data = data[wrapper]
         data = {k: v for k, v in data.items() if k not in ("model_type", "type")}
-        return cls.from_dict(data, strict=False)
+        if source is None:
+            return cls.from_dict(data, strict=False)
+        return _with_source(source, cls.from_dict, data, strict=False)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON of ``path``; unreadable or invalid files raise ``ValueError`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)}: not a valid JSON config ({e}); re-download or re-save it") from e
+
+
+def _with_source(path: str | os.PathLike, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with config errors prefixed by the file they come from."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigFieldError as e:
+        raise ConfigFieldError(e.field, f"{e.message} (in {os.fspath(path)})") from None
+    except ValueError as e:
+        raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
 _NESTED: dict[tuple[str, str], type] = {
