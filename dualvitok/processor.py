@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ._utils import atomic_write
+from ._utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +208,7 @@ class ImageProcessor:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``preprocessor_config.json`` into ``save_directory`` (atomically); returns its path."""
-        path = Path(save_directory) / PROCESSOR_CONFIG_NAME
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(Path(save_directory) / PROCESSOR_CONFIG_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
