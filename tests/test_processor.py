@@ -183,3 +183,9 @@ def test_bad_preprocessor_config_names_the_file_and_field(tmp_path):
     path.write_text('{"max_pxels": 4096}')
     with pytest.raises(ValueError, match="unknown keys.*max_pxels"):
         ImageProcessor.from_pretrained(tmp_path)
+
+
+def test_processor_from_an_uncached_hub_repo_offline_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="preprocessor_config.json"):
+        ImageProcessor.from_pretrained("dualvitok-test/not-cached", cache_dir=str(tmp_path))
