@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dualvitok.quantizers import CodebookUsage, inject_token_noise, token_noise_mask
 
@@ -27,25 +25,35 @@ def test_usage_statistics_closed_form():
         usage.update(torch.tensor([8]))
 
 
-def _worker(rank, world, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    usage = CodebookUsage(4)
-    usage.update(torch.tensor([rank, rank, 3]))
-    usage.all_reduce()
-    out[rank] = usage.histogram().tolist()
-    dist.destroy_process_group()
+_WORKER = """
+import sys, torch, torch.distributed as dist
+from dualvitok.quantizers import CodebookUsage
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+usage = CodebookUsage(4)
+usage.update(torch.tensor([rank, rank, 3]))
+usage.all_reduce()
+print("HIST", usage.histogram().tolist(), flush=True)
+dist.destroy_process_group()
+"""
 
 
 def test_usage_all_reduce_across_two_processes():
+    # Separate interpreters running a script (not mp.spawn of a function of this module, which needs this test
+    # module importable by name in the children: another installed package may own the name ``tests``).
     import socket
+    import subprocess
+    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    assert out[0] == out[1] == [2, 2, 0, 2]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    hists = [next(line for line in out.splitlines() if line.startswith("HIST")) for out, _ in outs]
+    assert hists[0] == hists[1] == "HIST [2, 2, 0, 2]"
 
 
 def test_noise_fractions_statistically():
