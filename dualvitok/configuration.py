@@ -16,16 +16,15 @@ cannot allocate without bound. Errors are ``ValueError``s that name the field (a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._utils import atomic_write, to_plain
+from ._utils.decoding import ConfigFieldError, check_type, describe, from_dict, type_hints
 from .blocks.qwen2_vit import Qwen2VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -36,18 +35,6 @@ CONFIG_VERSION = 1
 DEFAULT_MAX_PARAMS = 10_000_000_000
 """Default bound on a config's estimated parameter count; override with the ``DUALVITOK_MAX_PARAMS`` variable."""
 GROUP_NORM_GROUPS = 32  # the MoVQ blocks' GroupNorm (dualvitok.blocks.norm)
-
-
-class ConfigFieldError(ValueError):
-    """A config value has the wrong type or range; ``field`` is its dotted path (e.g. ``pixel_encoder.ch``)."""
-
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-        super().__init__(f"invalid config: {field} {message}" if field else f"invalid config: {message}")
-
-    def within(self, prefix: str) -> ConfigFieldError:
-        """The same error for a field nested under ``prefix``."""
-        return ConfigFieldError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
 
 
 def max_params() -> int:
@@ -61,52 +48,13 @@ def max_params() -> int:
         raise ValueError(f"DUALVITOK_MAX_PARAMS must be a number, got {value!r}") from None
 
 
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _check_type(value: Any, hint: Any, name: str) -> Any:
-    """``value`` checked against the annotation ``hint`` (ints accepted for floats, lists for tuples)."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        (hint,) = [a for a in args if a is not type(None)]
-        args = typing.get_args(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigFieldError(name, f"must be true or false, got {_describe(value)}")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigFieldError(name, f"must be an integer, got {_describe(value)}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigFieldError(name, f"must be a number, got {_describe(value)}")
-        if not math.isfinite(value):
-            raise ConfigFieldError(name, f"must be finite, got {value!r}")
-        return float(value)
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ConfigFieldError(name, f"must be a string, got {_describe(value)}")
-    elif typing.get_origin(hint) is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigFieldError(name, f"must be a list, got {_describe(value)}")
-        return tuple(_check_type(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
-    return value
-
-
 def _check_fields(config: Any) -> None:
     """Types of every field and the ranges in ``config._RANGES`` (``name: (low, high)``, ``None``: unbounded)."""
     for f in dataclasses.fields(config):
-        hint = _hints(type(config))[f.name]
+        hint = type_hints(type(config))[f.name]
         if dataclasses.is_dataclass(hint):
             continue
-        value = _check_type(getattr(config, f.name), hint, f.name)
+        value = check_type(getattr(config, f.name), hint, f.name)
         object.__setattr__(config, f.name, value)
         low, high = getattr(config, "_RANGES", {}).get(f.name, (None, None))
         for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
@@ -124,43 +72,13 @@ def _divisible(config: Any, name: str, by: int, why: str) -> None:
         raise ConfigFieldError(name, f"({value}) must be divisible by {by} ({why})")
 
 
-def _from_dict(cls: type[T], data: dict[str, Any], strict: bool, path: str) -> T:
-    """Build dataclass ``cls`` from ``data``; nested dataclass fields recurse, lists become tuples."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigFieldError("", f"{path or 'the config'} must be a JSON object (dict), got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        message = f"unknown config keys at {path or 'root'} of {cls.__name__}: {unknown}; known: {sorted(fields)}"
-        if strict:
-            raise ValueError(message)
-        logger.warning("ignoring %s", message)
-    kwargs = {}
-    for name, value in data.items():
-        if name not in fields:
-            continue
-        sub = _NESTED.get((cls.__name__, name))
-        if sub is not None:
-            if not isinstance(value, (dict, sub)):
-                raise ConfigFieldError(name, f"must be an object (a dict of {sub.__name__} fields), got "
-                                             f"{_describe(value)}")
-            try:
-                value = _from_dict(sub, value, strict, f"{path}.{name}" if path else name)
-            except ConfigFieldError as e:
-                raise e.within(name) from None
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 class _ConfigMixin:
     """``from_dict`` / ``to_dict`` for the config dataclasses."""
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
         """Build from a (nested) dict; unknown keys raise when ``strict``, else are logged and ignored."""
-        return _from_dict(cls, data, strict, "")
+        return from_dict(cls, data, strict, check_types=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable nested dict (tuples become lists)."""
@@ -301,9 +219,9 @@ class DualViTokConfig(_ConfigMixin):
 
     def __post_init__(self):
         _check_fields(self)
-        for name, sub in _NESTED.items():
-            if name[0] == "DualViTokConfig" and not isinstance(getattr(self, name[1]), sub):
-                raise ConfigFieldError(name[1], f"must be a {sub.__name__}, got {_describe(getattr(self, name[1]))}")
+        for name, hint in type_hints(type(self)).items():
+            if dataclasses.is_dataclass(hint) and not isinstance(getattr(self, name), hint):
+                raise ConfigFieldError(name, f"must be a {hint.__name__}, got {describe(getattr(self, name))}")
         se, sq, sd = self.semantic_encoder, self.semantic_quantizer, self.semantic_decoder
         pe, pq, pd = self.pixel_encoder, self.pixel_quantizer, self.pixel_decoder
         checks = [
@@ -433,7 +351,7 @@ class DualViTokConfig(_ConfigMixin):
         if not isinstance(data, dict):
             source, data = data, _read_json(data)
             if not isinstance(data, dict):
-                raise ValueError(f"{os.fspath(source)}: a config must be a JSON object, got {_describe(data)}")
+                raise ValueError(f"{os.fspath(source)}: a config must be a JSON object, got {describe(data)}")
         for wrapper in ("vq_model", "config"):
             if wrapper in data and isinstance(data[wrapper], dict) and "semantic_encoder" not in data:
                 data = data[wrapper]
@@ -462,12 +380,3 @@ def _with_source(path: str | os.PathLike, fn, *args, **kwargs):
         raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
-_NESTED: dict[tuple[str, str], type] = {
-    ("SemanticEncoderConfig", "semantic_encoder_config"): VisionTowerConfig,
-    ("DualViTokConfig", "semantic_encoder"): SemanticEncoderConfig,
-    ("DualViTokConfig", "semantic_quantizer"): QuantizerConfig,
-    ("DualViTokConfig", "semantic_decoder"): SemanticDecoderConfig,
-    ("DualViTokConfig", "pixel_encoder"): MoVQConfig,
-    ("DualViTokConfig", "pixel_quantizer"): QuantizerConfig,
-    ("DualViTokConfig", "pixel_decoder"): MoVQConfig,
-}

@@ -33,20 +33,25 @@ def test_nested_sections_tuples_and_payloads():
                             "payload": {"a": [1]}, "flag": True})
     assert cfg.inner == Inner(3, 2.0) and isinstance(cfg.inner.scale, float)
     assert cfg.stages == (Inner(4), Inner()) and cfg.sizes == (1, 2) and cfg.payload == {"a": [1]} and cfg.flag
-    assert from_dict(Outer, None) == Outer()
+    assert from_dict(Outer, {"inner": None}) == Outer()  # an empty YAML section: its defaults
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"inner": {"size": "4"}}, r"inner.size must be int, got str '4'"),
-    ({"inner": {"size": True}}, r"inner.size must be int"),
-    ({"flag": 1}, r"flag must be bool"),
-    ({"inner": {"name": 3}}, r"inner.name must be str or null"),
-    ({"inner": [1, 2]}, r"section inner of Inner must be a mapping"),
+    ({"inner": {"size": "4"}}, r"inner.size must be an integer, got '4' \(str\)"),
+    ({"inner": {"size": True}}, r"inner.size must be an integer"),
+    ({"flag": 1}, r"flag must be true or false"),
+    ({"inner": {"name": 3}}, r"inner.name must be a string"),
+    ({"inner": {"scale": float("nan")}}, r"inner.scale must be finite"),
+    ({"sizes": [1, "2"]}, r"sizes\[1\] must be an integer"),
+    ({"stages": [{}, {"size": 1.5}]}, r"stages\[1\].size must be an integer"),
+    ({"inner": [1, 2]}, r"inner must be an object \(a dict of Inner fields\)"),
     ({"stages": [{"bogus": 1}]}, r"unknown config keys at stages\[0\] of Inner: \['bogus'\]"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ValueError, match=message):
         from_dict(Outer, data)
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        from_dict(Outer, None)
 
 
 def test_unknown_keys_can_be_ignored_when_not_strict(caplog):
