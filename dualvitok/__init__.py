@@ -3,6 +3,7 @@
 import logging as _logging
 
 from .configuration import DualViTokConfig as DualViTokConfig
+from .loading import load_demo as load_demo
 from .model import DualViTok as DualViTok
 from .outputs import DualViTokEncoding as DualViTokEncoding
 from .outputs import DualViTokOutput as DualViTokOutput
@@ -30,4 +31,5 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "load_demo",
 ]

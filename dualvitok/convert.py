@@ -8,7 +8,8 @@ The module tree of :class:`dualvitok.DualViTok` uses the reference's names, so c
   linear map: it becomes a Linear weight ``[E, C]``;
 * non-persistent RoPE ``inv_freq`` buffers, if a file carries them, are dropped (they are recomputed).
 
-Files are read with safetensors or ``torch.load(weights_only=True)``; pickled code is never executed.
+Files are read with safetensors or ``torch.load(weights_only=True)`` (``dualvitok._weights``); pickled code is never
+executed. This module also decides which layout a folder's config is in (:func:`config_layout`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,51 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._weights import read_state_dict, unwrap_state_dict
+
 logger = logging.getLogger(__name__)
 
 _PROJ_IN = "semantic_encoder.proj_in.weight"
-_WRAPPERS = ("model", "state_dict", "module")
+
+
+def config_layout(data: Any) -> str | None:
+    """``"dualvitok"`` for this library's ``config.json``, ``"reference"`` for an ILLUME+ (reference-layout) config,
+    None for anything else (e.g. a remote-code config of another library)."""
+    if not isinstance(data, Mapping):
+        return None
+    if data.get("model_type") == "dualvitok":
+        return "dualvitok"
+    if "semantic_encoder" in data or "vq_model" in data:
+        return "reference"
+    return None
+
+
+def reference_key(key: str) -> str | None:
+    """Reference key -> this library's key (None: dropped, e.g. recomputed RoPE ``inv_freq`` buffers)."""
+    if key.startswith("module."):
+        key = key[len("module."):]
+    if key.endswith("inv_freq"):
+        return None
+    return key
+
+
+def convert_reference_tensor(key: str, value: Tensor) -> Tensor:
+    """A tensor under its converted key: the reference's 1x1-conv ``proj_in`` ``[E, C, 1, 1]`` becomes ``[E, C]``."""
+    if key == _PROJ_IN and value.ndim == 4:
+        return value.reshape(value.shape[0], value.shape[1])
+    return value
+
+
+def convert_reference_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """:func:`convert_reference_tensor` on shapes (to check a file before reading its data)."""
+    if key == _PROJ_IN and len(shape) == 4:
+        return tuple(shape[:2])
+    return tuple(shape)
 
 
 def load_weights(weights: Mapping[str, Tensor] | str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
@@ -34,51 +72,44 @@ def load_weights(weights: Mapping[str, Tensor] | str | os.PathLike, use_ema: boo
         use_ema: take the ``ema`` entry of a training checkpoint (error if absent).
     """
     if isinstance(weights, (str, os.PathLike)):
-        path = os.fspath(weights)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights file not found: {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            weights = load_file(path)
-        else:
-            try:
-                weights = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle with code objects, or not a torch file
-                raise ValueError(
-                    f"could not load {path} with torch.load(weights_only=True): {e}. Only plain tensor checkpoints "
-                    "are accepted (no pickled code); re-save the state dict with safetensors"
-                ) from e
+        return read_state_dict(weights, use_ema=use_ema)
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a state dict (mapping of names to tensors), got {type(weights).__name__}")
-    if use_ema:
-        if "ema" not in weights:
-            raise KeyError(
-                f"use_ema=True but the checkpoint has no 'ema' entry (top-level keys: {sorted(weights)[:10]})"
-            )
-        weights = weights["ema"]
-    else:
-        for key in _WRAPPERS:
-            if key in weights and isinstance(weights[key], Mapping):
-                weights = weights[key]
-                break
-    tensors = {k: v for k, v in weights.items() if torch.is_tensor(v)}
-    if not tensors:
-        raise ValueError("no tensors found in the weights (expected a state dict, or a checkpoint with 'model'/'ema')")
-    return tensors
+    return unwrap_state_dict(weights, use_ema=use_ema, source="the weights")
+
+
+def load_reference(cls, config: Mapping[str, Any] | str | os.PathLike,
+                   weights: Mapping[str, Tensor] | str | os.PathLike, *, use_ema: bool = False, strict: bool = True,
+                   check_weights: bool = True, dtype: torch.dtype | None = None):
+    """``cls.from_reference``: a reference config and reference-named weights (file or state dict), streamed into a
+    model built with meta parameters (no random-initialised copy; the weights are held once)."""
+    from ._weights import LoadingError, WeightFiles
+    from .configuration import DualViTokConfig
+    from .hub import _build_and_load
+
+    try:
+        model_config = DualViTokConfig.from_reference(config)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        where = os.fspath(config) if isinstance(config, (str, os.PathLike)) else "the reference config"
+        raise LoadingError(f"{where}: not a valid DualViTok reference config: {e}") from None
+    if isinstance(weights, (str, os.PathLike)) and not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file not found: {os.fspath(weights)}")
+    if not isinstance(weights, (str, os.PathLike, Mapping)):
+        raise TypeError(f"weights must be a state dict (mapping of names to tensors) or a file path, got "
+                        f"{type(weights).__name__}")
+    with WeightFiles(weights, use_ema=use_ema) as stream:
+        model = _build_and_load(cls, model_config, stream, reference=True, strict=strict, dtype=dtype, device="cpu",
+                                check=check_weights, hint=None)
+    return model.eval()
 
 
 def convert_reference_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Reference (ILLUME+) key layout -> this library's state dict."""
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if key.endswith("inv_freq"):
-            continue
-        if key == _PROJ_IN and value.ndim == 4:
-            value = value.reshape(value.shape[0], value.shape[1])  # [E, C, 1, 1] -> [E, C]
-        out[key] = value
+        new = reference_key(key)
+        if new is not None:
+            out[new] = convert_reference_tensor(new, value)
     return out
 
 

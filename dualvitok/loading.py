@@ -7,26 +7,42 @@ import os
 
 import torch
 
+from ._hubfiles import DEMO_NAMES
+
 logger = logging.getLogger(__name__)
+
+
+def load_demo(device: str | torch.device = "cpu", **kwargs):
+    """The small demo DualViTok shipped with the package (``dualvitok_tiny`` trained on CPU; see its card,
+    ``dualvitok/assets/demo_model/README.md``). Same as ``DualViTok.from_pretrained("dualvitok-demo")``.
+
+    Args:
+        device: where to put the model (``"auto"``: cuda, mps, npu or cpu).
+        kwargs: passed to :meth:`DualViTok.from_pretrained` (e.g. ``dtype=torch.bfloat16``).
+    """
+    from .assets import demo_model_path
+    from .devices import resolve_device
+    from .model import DualViTok
+
+    return DualViTok.from_pretrained(demo_model_path(), **kwargs).to(resolve_device(device))
 
 
 def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", **kwargs):
     """Load a DualViTok.
 
     Args:
-        spec: ``None`` or ``"demo"``: the bundled demo model; a folder (ours or the reference layout); a Hub repo id;
-            or a registered architecture name (random weights, with a warning).
-        device: where to put the model (``"auto"``: cuda, npu or cpu).
+        spec: ``None``, ``"dualvitok-demo"`` or ``"demo"``: the bundled demo model; a folder (ours or the reference
+            layout); a Hub repo id; or a registered architecture name (random weights, with a warning).
+        device: where to put the model (``"auto"``: cuda, mps, npu or cpu).
         kwargs: passed to :meth:`DualViTok.from_pretrained`.
     """
-    from .assets import demo_model_path
     from .devices import resolve_device
     from .model import DualViTok
     from .registry import create_model, list_models
 
+    if spec is None or (str(spec) in DEMO_NAMES and not os.path.isdir(spec)):
+        return load_demo(device, **kwargs)
     device = resolve_device(device)
-    if spec is None or str(spec) == "demo":
-        return DualViTok.from_pretrained(demo_model_path(), **kwargs).to(device)
     if str(spec) in list_models() and not os.path.isdir(spec):
         logger.warning("building %s with RANDOM weights (a registered architecture, not a checkpoint)", spec)
         return create_model(str(spec)).to(device).eval()

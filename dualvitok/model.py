@@ -262,6 +262,7 @@ class DualViTok(HubMixin, nn.Module):
         weights: dict[str, Tensor] | str | os.PathLike,
         use_ema: bool = False,
         strict: bool = True,
+        check_weights: bool = True,
     ) -> DualViTok:
         """Build from a reference-layout config and weights in reference key names.
 
@@ -271,10 +272,8 @@ class DualViTok(HubMixin, nn.Module):
                 ``weights_only=True``); a ``model`` / ``ema`` / ``state_dict`` wrapper is unwrapped.
             use_ema: take the ``ema`` weights of a training checkpoint.
             strict: raise on missing or unexpected keys (with a readable report).
+            check_weights: refuse NaN/Inf values and non-float weights.
         """
-        from .convert import convert_reference_state_dict, load_weights
+        from .convert import load_reference
 
-        model = cls(DualViTokConfig.from_reference(config))
-        state_dict = convert_reference_state_dict(load_weights(weights, use_ema=use_ema))
-        model.load_checked_state_dict(state_dict, strict=strict)
-        return model.eval()
+        return load_reference(cls, config, weights, use_ema=use_ema, strict=strict, check_weights=check_weights)

@@ -44,17 +44,28 @@ def get_config(name: str) -> DualViTokConfig:
     return _REGISTRY[name]()
 
 
-def create_model(name: str, pretrained: bool = False, device: str | torch.device | None = None, **overrides):
+def create_model(name: str, pretrained: bool = False, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None, **overrides):
     """Build a registered DualViTok.
 
     Args:
         name: a name from :func:`list_models`, e.g. ``"dualvitok_anyres_max512"`` (the released 1.35 B model).
-        pretrained: load the released weights from the Hub (see ``PRETRAINED``).
+        pretrained: load the released weights from the Hub (see ``PRETRAINED``); Hub keywords (``revision``,
+            ``cache_dir``, ``token``, ``local_files_only``, ...) in ``overrides`` go to ``from_pretrained``.
         device: build directly on this device (``"meta"`` builds without allocating memory).
-        overrides: top-level :class:`DualViTokConfig` fields to replace (e.g. ``pixel_drop_rate=0.1``).
+        dtype: dtype of the floating-point weights (``torch_dtype`` is a deprecated alias).
+        overrides: top-level :class:`DualViTokConfig` fields to replace (e.g. ``pixel_drop_rate=0.1``). With
+            ``pretrained=True`` they are applied to the loaded model's config; fields that would change the shapes
+            of the weights are refused.
     """
+    from ._weights import dtype_keyword
     from .model import DualViTok
 
+    dtype = dtype_keyword(dtype, overrides.pop("torch_dtype", None), "create_model")
+    hub_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in _HUB_KEYWORDS}
+    if hub_kwargs and not pretrained:
+        raise ValueError(f"{sorted(hub_kwargs)} only apply with pretrained=True")
+    base = get_config(name)
     config = get_config(name)
     for key, value in overrides.items():
         if not hasattr(config, key):
@@ -64,10 +75,32 @@ def create_model(name: str, pretrained: bool = False, device: str | torch.device
     if pretrained:
         if name not in PRETRAINED:
             raise ValueError(f"no released weights for {name!r}; released: {sorted(PRETRAINED)}")
-        model = DualViTok.from_pretrained(PRETRAINED[name])
+        if overrides:
+            _refuse_shape_changes(base, config, overrides)
+        model = DualViTok.from_pretrained(PRETRAINED[name], config=config, dtype=dtype, **hub_kwargs)
         return model.to(device) if device is not None else model
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return DualViTok(config)
+        model = DualViTok(config)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+_HUB_KEYWORDS = ("revision", "subfolder", "cache_dir", "force_download", "token", "local_files_only", "strict",
+                 "use_ema", "map_location", "check_weights")
+
+
+def _refuse_shape_changes(base: DualViTokConfig, config: DualViTokConfig, overrides: dict) -> None:
+    """Raise if the overridden config's weights differ in names or shapes from the released ones."""
+    from .model import DualViTok
+
+    with torch.device("meta"):
+        before = {k: tuple(v.shape) for k, v in DualViTok(base).state_dict().items()}
+        after = {k: tuple(v.shape) for k, v in DualViTok(config).state_dict().items()}
+    if before != after:
+        changed = sorted(set(before) ^ set(after) | {k for k in set(before) & set(after) if before[k] != after[k]})
+        raise ValueError(f"create_model(pretrained=True) cannot apply {sorted(overrides)}: they change the weights' "
+                         f"names or shapes ({len(changed)} tensors, e.g. {changed[:3]}), so the released weights "
+                         "would not fit. Build with pretrained=False, or override only fields such as "
+                         "pixel_drop_rate that leave the weights as they are")
 
 
 @register_model

@@ -21,7 +21,7 @@ def image():
 
 def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path, image):
     tiny_model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = DualViTok.from_pretrained(tmp_path / "m")
     assert loaded.config == tiny_model.config
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_pickled_code_is_never_executed(tmp_path):
 def test_missing_model_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(OSError, match="huggingface-cli download"):
+    with pytest.raises(OSError, match="hf download someone/not-cached-dualvitok --local-dir DIR"):
         DualViTok.from_pretrained("someone/not-cached-dualvitok", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         DualViTok.from_pretrained(tmp_path / "missing" / "dir")
@@ -117,7 +117,7 @@ def test_push_to_hub_uploads_the_saved_files(tiny_model, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     url = tiny_model.push_to_hub("x/y", token="t")
-    assert calls == {"token": "t", "repo": "x/y", "files": ["config.json", "model.safetensors"]}
+    assert calls == {"token": "t", "repo": "x/y", "files": ["README.md", "config.json", "model.safetensors"]}
     assert url.endswith("/commit/1")
 
 
