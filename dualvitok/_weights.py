@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 WRAPPERS = ("model", "state_dict", "module")
+REOPEN_BYTES = 128 * 2**20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -113,6 +114,7 @@ class WeightFiles:
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         self._eager: dict[str, Tensor] = {}
+        self._read: dict[str, int] = {}  # bytes read through the current handle of each file
         self._stack = contextlib.ExitStack()
         self._opened = False
         self.use_ema = use_ema
@@ -134,6 +136,8 @@ class WeightFiles:
         self.close()
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
         self._stack.close()
         self._handles.clear()
         self._eager = {}
@@ -165,7 +169,7 @@ class WeightFiles:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weights file not found: {path}")
         try:
-            handle = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            handle = safe_open(path, framework="pt", device="cpu")
         except Exception as e:  # SafetensorError (Rust) for a torn header, OSError, ...
             raise LoadingError(f"{path} is not a readable safetensors file ({e}); it is probably truncated or "
                                "corrupt: download or copy it again") from None
@@ -175,6 +179,7 @@ class WeightFiles:
             raise LoadingError(f"{path} is truncated: its header describes {end:,} bytes but the file has {size:,}; "
                                "download or copy it again")
         self._handles[path] = handle
+        self._read[path] = 0
         return handle
 
     def keys(self) -> list[str]:
@@ -198,11 +203,18 @@ class WeightFiles:
         if key in self._eager:
             return self._eager[key]
         path = self._where[key]
+        if self._read[path] > REOPEN_BYTES:
+            # safetensors reads through a memory map; the pages it touched count towards the resident set until
+            # the map is closed. Reopening every REOPEN_BYTES keeps that overhead bounded (peak ~ weights + 128 MB).
+            self._handles.pop(path).__exit__(None, None, None)
+            self._open_safetensors(path)
         try:
-            return self._handles[path].get_tensor(key)
+            tensor = self._handles[path].get_tensor(key)
         except Exception as e:
             raise LoadingError(f"could not read tensor {key!r} from {path} ({e}); the file is probably truncated or "
                                "corrupt: download or copy it again") from None
+        self._read[path] += tensor.numel() * tensor.element_size()
+        return tensor
 
     def file_of(self, key: str) -> str:
         return self._where[key]

@@ -353,6 +353,10 @@ def _install_weight_files(tmp: Path, directory: Path) -> None:
 
     Shards first, then the single file or the index, so a reader never sees an index naming missing shards."""
     written = sorted(p.name for p in tmp.iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in written:  # the usual permissions, as atomic_write gives (the writer may create 0600 files)
+        os.chmod(tmp / name, 0o666 & ~umask)
     stale = {p.name for p in directory.glob("model*.safetensors*")} - set(written)
     for name in written:
         if name != WEIGHTS_INDEX_NAME:

@@ -103,17 +103,6 @@ def resolve_weights(spec: WeightsSpec, path: str | os.PathLike | None = None, al
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Load a state dict from safetensors or a torch file (``weights_only=True``; unwraps a ``state_dict`` key)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .._weights import read_state_dict
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read weights file {path} as a torch state dict: {e}") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"weights file {path} does not hold a state dict (got {type(obj).__name__})")
-    return obj
+    return read_state_dict(path)

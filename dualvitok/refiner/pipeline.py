@@ -296,7 +296,7 @@ class RefinerPipeline:
         pretrained_model_name_or_path: str | os.PathLike,
         tokenizer,
         *,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         variant: str | None = None,
         revision: str | None = None,
         cache_dir: str | None = None,
@@ -304,6 +304,7 @@ class RefinerPipeline:
         local_files_only: bool | None = None,
         scheduler=None,
         resolutions: Sequence[Sequence[int]] | None = None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> RefinerPipeline:
         """Load a refiner saved by :meth:`save_pretrained` or the released ``ILLUME-MLLM/dualvitok-sdxl-decoder``.
 
@@ -312,11 +313,15 @@ class RefinerPipeline:
                 or a Hub repo id (downloaded with ``huggingface_hub``; offline it must be in the local cache).
             tokenizer: the :class:`dualvitok.DualViTok` providing the codebooks, or a spec accepted by
                 :func:`dualvitok.loading.load_model` (folder, Hub id, ``"demo"``).
-            torch_dtype: load the UNet and VAE in this dtype (e.g. ``torch.float16`` on GPU).
+            dtype: load the UNet and VAE in this dtype (e.g. ``torch.float16`` on GPU); ``torch_dtype`` is a
+                deprecated alias (the library's one dtype keyword is ``dtype``).
             variant: weights variant (e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``).
             scheduler: a diffusers scheduler to use instead of the saved one.
             resolutions: override the supported ``(width, height)`` output sizes.
         """
+        from .._weights import dtype_keyword
+
+        torch_dtype = dtype_keyword(dtype, torch_dtype, "RefinerPipeline.from_pretrained")
         diffusers = require_diffusers()
         if isinstance(tokenizer, (str, os.PathLike)):
             from ..loading import load_model
@@ -360,22 +365,8 @@ def _load_scheduler(diffusers, folder: Path):
 
 
 def _resolve_folder(source: str | os.PathLike, revision, cache_dir, token, local_files_only) -> Path:
-    if os.path.isdir(source):
-        return Path(source)
-    text = os.fspath(source)
-    if os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{text!r} is neither a refiner folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from .._hubfiles import snapshot_folder
 
-    try:
-        path = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
-                                 local_files_only=bool(local_files_only),
-                                 allow_patterns=[MODEL_INDEX_NAME, "unet/*", "vae/*", "scheduler/*"])
-    except LocalEntryNotFoundError as e:
-        raise OSError(f"cannot load {text!r}: the Hub cannot be reached (offline or HF_HUB_OFFLINE=1) and it is not "
-                      f"in the local cache; download it once with `huggingface-cli download {text} --local-dir DIR` "
-                      "and pass DIR") from e
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"Hub repo {text!r} not found (or private: pass token=...)") from e
-    return Path(path)
+    return snapshot_folder(source, what="the refiner", revision=revision, cache_dir=cache_dir, token=token,
+                           local_files_only=local_files_only,
+                           allow_patterns=[MODEL_INDEX_NAME, "unet/*", "vae/*", "scheduler/*"])

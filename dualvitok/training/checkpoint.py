@@ -59,7 +59,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass a file written by save_checkpoint or a run folder")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    from .._weights import load_torch_file
+
+    return load_torch_file(path, map_location=map_location)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -78,7 +78,8 @@ def reconstruction_scores(model: DualViTok, images: torch.Tensor,
 def export_demo_model(run_dir: str | Path, output: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copy ``run_dir/final`` to ``output`` with ``save_pretrained``, weights stored in ``dtype``."""
     model = DualViTok.from_pretrained(Path(run_dir) / "final")
-    model.to(dtype).save_pretrained(output)
+    card = Path(output) / "README.md"  # keep a hand-written card (the bundled demo's) when exporting over it
+    model.to(dtype).save_pretrained(output, model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
     return Path(output)
 
 

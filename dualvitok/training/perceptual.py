@@ -33,12 +33,9 @@ def _import_lpips():
 
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .._weights import read_state_dict
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return read_state_dict(path)
 
 
 class LPIPSLoss(nn.Module):

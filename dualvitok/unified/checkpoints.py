@@ -84,17 +84,9 @@ def _dtype_kwargs(transformers, dtype: torch.dtype | None) -> dict:
 
 
 def _resolve_folder(source: str | os.PathLike, **hub_kwargs) -> Path:
-    if os.path.isdir(source):
-        return Path(source)
-    if os.path.exists(source) or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source!r} is not a model folder")
-    from huggingface_hub import snapshot_download
+    from .._hubfiles import snapshot_folder
 
-    try:
-        return Path(snapshot_download(str(source), **hub_kwargs))
-    except Exception as e:
-        raise OSError(f"could not get {source!r} from the Hub ({e}); download it with `huggingface-cli download "
-                      f"{source} --local-dir DIR` and pass DIR") from e
+    return snapshot_folder(source, what="the unified model", **hub_kwargs)
 
 
 def _load_vision_tokenizer(spec, default: str | os.PathLike | None) -> DualViTok:
@@ -110,15 +102,18 @@ def _load_vision_tokenizer(spec, default: str | os.PathLike | None) -> DualViTok
 
 def _load_own_layout(cls, path: Path, vision_tokenizer, dtype, refiner) -> UnifiedMLLM:
     transformers = _require_transformers()
-    from safetensors.torch import load_file
+    from .._weights import read_state_dict
 
     config = UnifiedConfig.from_json_file(path / UNIFIED_CONFIG_NAME)
     kwargs = _dtype_kwargs(transformers, dtype)
-    language_model = transformers.AutoModelForCausalLM.from_pretrained(path / LANGUAGE_MODEL_DIR, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path / LANGUAGE_MODEL_DIR, padding_side="left")
+    # never run code shipped with a checkpoint: both layouts are plain Qwen2 (trust_remote_code=False, explicitly)
+    language_model = transformers.AutoModelForCausalLM.from_pretrained(path / LANGUAGE_MODEL_DIR,
+                                                                       trust_remote_code=False, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / LANGUAGE_MODEL_DIR, padding_side="left",
+                                                           trust_remote_code=False)
     vq = _load_vision_tokenizer(vision_tokenizer, path / VISION_TOKENIZER_DIR)
     model = cls(language_model, tokenizer, vq, config, refiner=refiner)
-    state = load_file(path / ADAPTERS_NAME)
+    state = read_state_dict(path / ADAPTERS_NAME)
     _load_adapters(model, {k[len("vision_tower."):]: v for k, v in state.items() if k.startswith("vision_tower.")},
                    {k[len("mm_projector."):]: v for k, v in state.items() if k.startswith("mm_projector.")})
     return model
@@ -143,21 +138,15 @@ def _is_illume_layout(path: Path) -> bool:
 
 
 def _read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, Tensor]:
-    """Tensors whose names start with one of ``prefixes``, from (sharded) safetensors or .bin weights."""
-    from safetensors import safe_open
+    """Tensors whose names start with one of ``prefixes``, from (sharded) safetensors or .bin weights (only those
+    tensors are read from safetensors files)."""
+    from .._weights import WeightFiles
 
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     out: dict[str, Tensor] = {}
-    if files:
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    if key.startswith(prefixes):
-                        out[key] = f.get_tensor(key)
-        return out
-    for file in sorted(path.glob("pytorch_model*.bin")):
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        out.update({k: v for k, v in state.items() if k.startswith(prefixes)})
+    for file in files:
+        with WeightFiles(file) as weights:
+            out.update({k: weights.get(k) for k in weights.keys() if k.startswith(prefixes)})
     return out
 
 
@@ -169,8 +158,10 @@ def _load_illume_layout(cls, path: Path, vision_tokenizer, dtype, refiner) -> Un
     lm_config = dict(data, model_type="qwen2", architectures=["Qwen2ForCausalLM"])
     lm_config = transformers.Qwen2Config.from_dict(lm_config)
     kwargs = _dtype_kwargs(transformers, dtype)
-    language_model = transformers.Qwen2ForCausalLM.from_pretrained(path, config=lm_config, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left", use_fast=True)
+    language_model = transformers.Qwen2ForCausalLM.from_pretrained(path, config=lm_config, trust_remote_code=False,
+                                                                   **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left", use_fast=True,
+                                                           trust_remote_code=False)
     vq = _load_vision_tokenizer(vision_tokenizer, DEFAULT_VISION_TOKENIZER)
     vocab = VisionVocabulary.from_tokenizer(tokenizer, vq.config.semantic_quantizer.codebook_size,
                                             vq.config.pixel_quantizer.codebook_size)

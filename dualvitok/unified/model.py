@@ -368,11 +368,15 @@ class UnifiedMLLM(nn.Module):
             vision_tokenizer: the DualViTok for decoding (instance, folder, Hub id or registered name). Our layout
                 ships one; for ILLUME+ checkpoints it defaults to ``ILLUME-MLLM/dualvitok``.
             dtype: dtype of the language model (e.g. ``torch.bfloat16``); the vision modules stay float32.
+                ``torch_dtype`` is a deprecated alias.
             device: where to put everything.
             refiner: optional diffusion decoder callable.
-            hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only`` for ``snapshot_download``.
+            hub_kwargs: ``revision``, ``subfolder``, ``cache_dir``, ``force_download``, ``token``,
+                ``local_files_only`` for ``snapshot_download``.
         """
+        from .._weights import dtype_keyword
         from .checkpoints import load_unified
 
+        dtype = dtype_keyword(dtype, hub_kwargs.pop("torch_dtype", None), "UnifiedMLLM.from_pretrained")
         model = load_unified(cls, pretrained_model_name_or_path, vision_tokenizer, dtype, refiner, **hub_kwargs)
         return model.to(device).eval()
