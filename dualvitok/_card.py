@@ -71,14 +71,6 @@ def build_model_card(model: Any, evaluation: Mapping[str, float] | None = None, 
     from huggingface_hub import ModelCard, ModelCardData
 
     evaluation = evaluation if evaluation is not None else getattr(model, "evaluation_results", None)
-    kept = getattr(model, "_card_text", None)
-    if kept and evaluation is None:
-        card = ModelCard(kept, ignore_metadata_errors=True)
-        if not card.data.library_name:
-            card.data.library_name = "dualvitok"
-        if not card.data.license:
-            card.data.license = license
-        return card
     origin, base_model = _origin(model)
     data = ModelCardData(library_name="dualvitok", license=license, tags=list(TAGS), base_model=base_model)
     load_as = repo_id or "PATH_OR_REPO_ID"

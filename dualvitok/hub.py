@@ -281,9 +281,6 @@ class HubMixin:
         model._load_record = {"source": os.fspath(pretrained_model_name_or_path), "layout": "dualvitok"
                               if not reference else "reference", "revision": revision, "subfolder": subfolder,
                               "is_local": files.is_local}
-        card = files.find(CARD_NAME) if files.is_local else None
-        if card is not None:
-            model._card_text = Path(card).read_text(encoding="utf-8", errors="replace")
         return model.eval()
 
 

@@ -85,14 +85,21 @@ def test_card_of_a_converted_reference_checkpoint_says_so(tiny_model, tmp_path):
     assert "Converted from the ILLUME+ reference checkpoint" in text
 
 
-def test_demo_card_has_front_matter_and_is_kept_on_resave(tmp_path):
+def test_demo_card_has_front_matter_and_the_export_keeps_a_hand_written_card(tiny_model, tmp_path):
     from huggingface_hub import ModelCard
+
+    from dualvitok.training.demo import export_demo_model
 
     card = ModelCard.load(DEMO_MODEL_DIR / "README.md")
     assert card.data.library_name == "dualvitok" and card.data.license == "apache-2.0"
     assert {r.metric_type for r in card.data.eval_results} == {"psnr", "ssim"}
-    DualViTok.from_pretrained("dualvitok-demo").save_pretrained(tmp_path / "again")
-    assert ModelCard.load(tmp_path / "again" / "README.md").text == card.text
+    resaved = DualViTok.from_pretrained("dualvitok-demo").save_pretrained(tmp_path / "again")
+    assert "Loaded from" in ModelCard.load(resaved / "README.md").text  # a generated card says where it came from
+    tiny_model.save_pretrained(tmp_path / "run" / "final")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "README.md").write_text(str(card))
+    export_demo_model(tmp_path / "run", tmp_path / "export")
+    assert ModelCard.load(tmp_path / "export" / "README.md").text == card.text
 
 
 # ------------------------------------------------------------------------------------------------ shards
