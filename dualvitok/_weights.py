@@ -4,7 +4,8 @@ Every weight file the library reads (its own checkpoints, the ILLUME+ reference 
 training checkpoints) goes through here:
 
 * ``.safetensors`` files (and sharded ``*.safetensors.index.json`` sets) are opened with ``safetensors.safe_open``
-  and read one tensor at a time, so a loader can cast, check and place each tensor before the next is read;
+  and read one tensor at a time, so a loader can cast, check and place each tensor before the next is read (a
+  tensor of the file's dtype on the CPU is a copy-on-write memory map of the file: no second copy is made);
 * anything else is read with ``torch.load(weights_only=True)``: pickled code is never executed, and a refused
   pickle gives :class:`UnsafeCheckpointError` (a ``ValueError``) naming the file, not a raw ``UnpicklingError``;
 * training-checkpoint wrappers (``model`` / ``state_dict`` / ``module``, or ``ema`` on request) are unwrapped.
@@ -30,7 +31,6 @@ import torch
 from torch import Tensor, nn
 
 WRAPPERS = ("model", "state_dict", "module")
-REOPEN_BYTES = 128 * 2**20
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -114,7 +114,6 @@ class WeightFiles:
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         self._eager: dict[str, Tensor] = {}
-        self._read: dict[str, int] = {}  # bytes read through the current handle of each file
         self._stack = contextlib.ExitStack()
         self._opened = False
         self.use_ema = use_ema
@@ -179,7 +178,6 @@ class WeightFiles:
             raise LoadingError(f"{path} is truncated: its header describes {end:,} bytes but the file has {size:,}; "
                                "download or copy it again")
         self._handles[path] = handle
-        self._read[path] = 0
         return handle
 
     def keys(self) -> list[str]:
@@ -203,18 +201,11 @@ class WeightFiles:
         if key in self._eager:
             return self._eager[key]
         path = self._where[key]
-        if self._read[path] > REOPEN_BYTES:
-            # safetensors reads through a memory map; the pages it touched count towards the resident set until
-            # the map is closed. Reopening every REOPEN_BYTES keeps that overhead bounded (peak ~ weights + 128 MB).
-            self._handles.pop(path).__exit__(None, None, None)
-            self._open_safetensors(path)
         try:
-            tensor = self._handles[path].get_tensor(key)
+            return self._handles[path].get_tensor(key)
         except Exception as e:
             raise LoadingError(f"could not read tensor {key!r} from {path} ({e}); the file is probably truncated or "
                                "corrupt: download or copy it again") from None
-        self._read[path] += tensor.numel() * tensor.element_size()
-        return tensor
 
     def file_of(self, key: str) -> str:
         return self._where[key]
@@ -285,7 +276,7 @@ def check_weights(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor] 
             continue
         if value.dtype not in FLOAT_DTYPES:
             bad_dtype.append(f"{key} ({value.dtype})")
-        elif value.device.type != "meta" and value.numel() and not bool(torch.isfinite(value).all()):
+        elif not all_finite(value):
             non_finite.append(key)
     problems = []
     if bad_dtype:
@@ -296,6 +287,15 @@ def check_weights(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor] 
         raise LoadingError(f"refusing to load {source}: " + "; ".join(problems)
                            + ". The file is damaged or not a DualViTok float checkpoint; pass check_weights=False "
                            "to load it anyway")
+
+
+def all_finite(tensor: Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN/Inf in a floating tensor (True for other dtypes and meta tensors). Checked in chunks of ``chunk``
+    elements, so the temporaries stay small (``torch.isfinite`` on a whole 340 MB weight takes ~600 MB more)."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def _first(items: list[str], limit: int = 8) -> str:

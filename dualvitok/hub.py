@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._hubfiles import DEMO_NAMES, HubFiles
-from ._weights import FLOAT_DTYPES, LoadingError, WeightFiles, dtype_keyword, parameters_on_meta
+from ._weights import FLOAT_DTYPES, LoadingError, WeightFiles, all_finite, dtype_keyword, parameters_on_meta
 from ._weights import check_weights as _check_weights
 
 logger = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def _build_and_load(cls, config, stream: WeightFiles, *, reference: bool, strict
         if reference:
             value = convert_reference_tensor(new, value)
         want = (dtype or target.dtype) if target.is_floating_point() else target.dtype
-        if check and value.dtype in FLOAT_DTYPES and value.numel() and not bool(torch.isfinite(value).all()):
+        if check and value.dtype in FLOAT_DTYPES and not all_finite(value):
             raise LoadingError(f"refusing to load {stream.file_of(key_map[new])}: weight {key_map[new]!r} holds NaN "
                                "or Inf. The file is damaged; pass check_weights=False to load it anyway")
         loaded[new] = value.to(device=device, dtype=want)

@@ -333,3 +333,24 @@ def test_offline_folder_resolver_message(monkeypatch, tmp_path):
         snapshot_folder("owner/refiner", what="the refiner", cache_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         snapshot_folder(str(tmp_path / "nope"))
+
+
+def test_offline_load_from_the_hub_cache_and_subfolders(saved, tmp_path, image):
+    """Offline (local_files_only or HF_HUB_OFFLINE) a cached repo loads from the cache without any request."""
+    import shutil
+
+    sha = "b" * 40
+    repo = tmp_path / "cache" / "models--owner--cached"
+    snapshot = repo / "snapshots" / sha / "tok"
+    shutil.copytree(saved, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    reference = DualViTok.from_pretrained(saved)
+    model = DualViTok.from_pretrained("owner/cached", subfolder="tok", cache_dir=tmp_path / "cache",
+                                      local_files_only=True)
+    assert _same_outputs(model, reference, image)
+    local = DualViTok.from_pretrained(snapshot.parent, subfolder="tok")
+    assert _same_outputs(local, reference, image)
+    with pytest.raises(OSError, match=r"local_files_only=True \(tok/config.json"):
+        DualViTok.from_pretrained("owner/cached", subfolder="tok", revision="v2", cache_dir=tmp_path / "cache",
+                                  local_files_only=True)
