@@ -288,7 +288,8 @@ def _config_from_file(config_cls, path: str):
     try:
         return config_cls.from_json_file(path)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise LoadingError(f"{path}: {e}") from None
+        text = str(e)
+        raise LoadingError(text if os.fspath(path) in text else f"{path}: {text}") from None
 
 
 def _build_and_load(cls, config, stream: WeightFiles, *, reference: bool, strict: bool, dtype: torch.dtype | None,
