@@ -1,10 +1,14 @@
-"""LPIPS (Zhang et al. 2018, arXiv 1801.03924) through the ``lpips`` package, one value per image.
+"""LPIPS (Zhang et al. 2018, arXiv 1801.03924) through the ``lpips`` package: the package's one LPIPS wrapper.
+
+Used by evaluation (:class:`LPIPS`, images in [0, 1], no gradients) and by training's perceptual loss
+(:class:`dualvitok.training.perceptual.LPIPSLoss`, images in [-1, 1], gradients flow), which subclasses it.
 
 Uses ``lpips.LPIPS`` (v0.1 linear calibration layers, which ship inside the ``lpips`` package) with a VGG16 trunk (the
 network ILLUME+ trains its perceptual loss with) or AlexNet (the paper's default for evaluation). Differs from calling
 ``lpips.LPIPS(pretrained=True)`` directly only in how the trunk weights are found: torchvision's ImageNet weights are
 read from an explicit path, an environment variable or the torch hub cache (see :mod:`dualvitok.metrics.weights`)
 instead of being downloaded implicitly, so that offline use fails with instructions rather than a socket error.
+Building the module does no I/O beyond the package's own bundled linear layers (loaded by the caller).
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_pair, require
+from .._utils.deps import require as _require
+from ._checks import check_pair
 from .weights import LPIPS_ALEX, LPIPS_VGG, WeightsSpec, load_state_dict, resolve_weights
 
 BACKBONES: dict[str, WeightsSpec] = {"vgg": LPIPS_VGG, "alex": LPIPS_ALEX}
+NETS = ("vgg", "alex", "squeeze")  # trunks lpips.LPIPS can build (pretrained lookup: BACKBONES only)
 
 
-def _check_net(net: str) -> str:
-    if net not in BACKBONES:
-        raise ValueError(f"unknown LPIPS backbone {net!r}; choose one of {sorted(BACKBONES)}")
+def _check_net(net: str, allowed=tuple(BACKBONES)) -> str:
+    if net not in allowed:
+        raise ValueError(f"unknown LPIPS backbone {net!r}; choose one of {sorted(allowed)}")
     return net
 
 
@@ -32,16 +38,18 @@ class LPIPS(nn.Module):
     """LPIPS distance between [0, 1] images; the trunk starts random (no I/O here, see :meth:`from_pretrained`).
 
     Args:
-        net: ``"vgg"`` or ``"alex"``.
+        net: ``"vgg"`` or ``"alex"`` (``"squeeze"`` too, without a pretrained-weights lookup).
+        extra: the dualvitok extra named when ``lpips`` is missing (``eval``; training passes ``train``).
     """
 
-    def __init__(self, net: str = "vgg"):
+    def __init__(self, net: str = "vgg", extra: str = "eval"):
         super().__init__()
-        lpips = require("lpips")
-        self.net_name = _check_net(net)
+        lpips = _require("lpips", extra, "LPIPS")
+        self.net_name = _check_net(net, NETS)
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated ``pretrained=False``
             warnings.simplefilter("ignore", UserWarning)
             self.model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False).eval()
+        self.backbone_pretrained = False
         self.requires_grad_(False)
 
     @classmethod
@@ -67,7 +75,7 @@ class LPIPS(nn.Module):
     def load_linear_layers(self, path: str | os.PathLike | None = None) -> None:
         """Load the v0.1 calibration layers (default: the file shipped in the ``lpips`` package)."""
         if path is None:
-            path = Path(require("lpips").__file__).parent / "weights" / "v0.1" / f"{self.net_name}.pth"
+            path = Path(_require("lpips", "eval", "LPIPS").__file__).parent / "weights" / "v0.1" / f"{self.net_name}.pth"
         state = load_state_dict(path)
         missing = [k for k in state if k not in self.model.state_dict()]
         if missing or not any(k.startswith("lin") for k in state):
@@ -89,12 +97,20 @@ class LPIPS(nn.Module):
             raise ValueError(f"{path} does not look like torchvision {self.net_name} ImageNet weights: missing "
                              f"{sorted(expected - set(target))[:4]}")
         self.model.net.load_state_dict(target, strict=True)
+        self.backbone_pretrained = True
+
+    def distance(self, a: Tensor, b: Tensor, normalize: bool) -> Tensor:
+        """Per-image LPIPS ``[B]`` (float32) of ``[B, 3, H, W]`` images, in [0, 1] (``normalize``) or [-1, 1].
+
+        Gradients flow to both inputs (the perceptual loss); :meth:`forward` is the checked, no-grad metric.
+        """
+        return self.model(a.float(), b.float(), normalize=normalize).flatten()
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """Distances ``[B]`` (float32) between ``pred`` and ``target``, both ``[B, 3, H, W]`` in [0, 1]."""
         check_pair(pred, target, "lpips")
         with torch.no_grad():
-            return self.model(pred.float(), target.float(), normalize=True).flatten()
+            return self.distance(pred, target, normalize=True)
 
 
 _CACHE: dict[tuple, LPIPS] = {}
