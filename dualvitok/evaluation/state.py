@@ -1,15 +1,18 @@
-"""Accumulated evaluation state of one process, saved atomically so an interrupted run can resume.
+"""Accumulated evaluation state of one process, saved as one file so an interrupted run can resume.
 
-Each process keeps the indices it has finished, its skipped files, per-metric sums, both codebook histograms and the
-two FID accumulators. ``save`` writes ``rank<r>.safetensors`` (tensors) then ``rank<r>.json`` (everything else and a
-generation counter that must match the tensors' metadata); nothing is pickled.
+Each process keeps the indices it has finished, its skipped files, the state tensors of every metric object
+(:mod:`dualvitok.evaluation.metrics`) and the length of its per-image record file. ``save`` writes everything into
+one ``state/rank<r>.safetensors`` (the metrics' tensors, a ``done`` mask and a ``meta`` tensor holding UTF-8 JSON)
+through :func:`dualvitok._utils.atomic_write`: a kill at any moment leaves either the previous complete state or the
+new one, and a full disk leaves the previous one loadable. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,126 +20,133 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._utils import atomic_write
-from ..metrics.fid import GaussianStatistics
-from ..metrics.usage import DualCodebookUsage
-from ..quantizers import CodebookUsage
+from .metrics import EvalMetric
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 2  # 1: rank<r>.json + rank<r>.safetensors (before dualvitok 0.x); 2: one file
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def state_path(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"rank{rank}.safetensors"
+
+
+def describe_difference(saved: dict, current: dict) -> str:
+    """``"dtype (saved 'float32', now 'bfloat16'); ..."`` for the keys whose values differ."""
+    parts = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            parts.append(f"{key} (saved {saved.get(key)!r}, now {current.get(key)!r})")
+    return "; ".join(parts)
 
 
 @dataclass
 class EvaluationState:
-    """What one process has accumulated so far."""
+    """What one process has accumulated so far (the metric objects hold their own tensors)."""
 
-    usage: DualCodebookUsage
-    fid_real: GaussianStatistics | None = None
-    fid_fake: GaussianStatistics | None = None
+    metrics: list[EvalMetric]
+    num_files: int = 0
     done: set[int] = field(default_factory=set)
-    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}, paths JSON-safe
     converted: Counter = field(default_factory=Counter)  # original PIL mode -> count (non-RGB files)
-    sums: dict[str, float] = field(default_factory=dict)  # metric -> sum over images
-    squares: dict[str, float] = field(default_factory=dict)  # metric -> sum of squares
-    counts: dict[str, int] = field(default_factory=dict)  # metric -> number of finite values
-    nonfinite: dict[str, int] = field(default_factory=dict)  # metric -> number of inf values (identical images)
     samples_saved: int = 0
+    per_image_bytes: int = 0  # length of this rank's per-image record file at the last save
     elapsed_s: float = 0.0
     generation: int = 0
-
-    def add(self, name: str, values: torch.Tensor) -> None:
-        """Add per-image values ``[B]`` of a metric."""
-        v = values.detach().double().cpu()
-        finite = torch.isfinite(v)
-        self.sums[name] = self.sums.get(name, 0.0) + float(v[finite].sum())
-        self.squares[name] = self.squares.get(name, 0.0) + float(v[finite].pow(2).sum())
-        self.counts[name] = self.counts.get(name, 0) + int(finite.sum())
-        self.nonfinite[name] = self.nonfinite.get(name, 0) + int((~finite).sum())
-
-    def merge(self, other: EvaluationState) -> None:
-        """Add another process's state into this one."""
-        self.usage.semantic.merge(other.usage.semantic)
-        self.usage.pixel.merge(other.usage.pixel)
-        for mine, theirs in ((self.fid_real, other.fid_real), (self.fid_fake, other.fid_fake)):
-            if mine is not None and theirs is not None:
-                mine.merge(theirs)
-        self.done |= other.done
-        self.skipped += other.skipped
-        self.converted.update(other.converted)
-        for table, other_table in ((self.sums, other.sums), (self.squares, other.squares), (self.counts, other.counts),
-                                   (self.nonfinite, other.nonfinite)):
-            for k, v in other_table.items():
-                table[k] = table.get(k, 0) + v
-
-    def mean_std(self, name: str) -> tuple[float, float]:
-        n, inf = self.counts.get(name, 0), self.nonfinite.get(name, 0)
-        if inf:
-            return math.inf, math.nan
-        if n == 0:
-            return math.nan, math.nan
-        mean = self.sums[name] / n
-        var = max(self.squares[name] / n - mean * mean, 0.0)
-        return mean, math.sqrt(var)
-
-    # ------------------------------------------------------------------ serialisation
-    def to_json(self) -> dict:
-        return {"done": sorted(self.done), "skipped": self.skipped, "converted": dict(self.converted),
-                "sums": self.sums, "squares": self.squares, "counts": self.counts, "nonfinite": self.nonfinite,
-                "samples_saved": self.samples_saved, "elapsed_s": self.elapsed_s, "generation": self.generation}
+    complete: bool = False
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        t = {"usage.semantic": self.usage.semantic.counts.cpu(), "usage.pixel": self.usage.pixel.counts.cpu()}
-        for name, stats in (("fid_real", self.fid_real), ("fid_fake", self.fid_fake)):
-            if stats is not None:
-                t[f"{name}.count"] = torch.tensor([stats.count], dtype=torch.int64)
-                t[f"{name}.mean"] = stats.mean.contiguous()
-                t[f"{name}.comoment"] = stats.comoment.contiguous()
+        t: dict[str, torch.Tensor] = {}
+        for m in self.metrics:
+            for key, value in m.state_dict().items():
+                t[f"metric.{m.name}.{key}"] = value.detach().cpu().contiguous()
+        done = torch.zeros(self.num_files, dtype=torch.uint8)
+        if self.done:
+            done[torch.tensor(sorted(self.done), dtype=torch.int64)] = 1
+        t["done"] = done
         return t
 
-    def save(self, folder: Path, rank: int, fingerprint: dict) -> None:
-        """Write this process's state into ``folder`` (atomically, tensors first)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        self.generation += 1
-        tensor_path = folder / f"rank{rank}.safetensors"
-        with atomic_write(tensor_path) as tmp:
-            save_file(self.tensors(), str(tmp), metadata={"generation": str(self.generation)})
-        atomic_write_text(folder / f"rank{rank}.json", json.dumps({"fingerprint": fingerprint, **self.to_json()}))
+    def meta(self, fingerprint: dict) -> dict:
+        return {"format": FORMAT, "fingerprint": fingerprint, "skipped": self.skipped,
+                "converted": dict(self.converted), "samples_saved": self.samples_saved,
+                "per_image_bytes": self.per_image_bytes, "elapsed_s": self.elapsed_s, "generation": self.generation,
+                "complete": self.complete}
 
-    @classmethod
-    def load(cls, folder: Path, rank: int, fingerprint: dict, template: EvaluationState) -> EvaluationState | None:
-        """The state saved by an earlier run with the same fingerprint; None if there is none.
+    def save(self, folder: Path, rank: int, fingerprint: dict) -> Path:
+        """Write this process's state into ``folder/rank<rank>.safetensors`` atomically (one file).
 
         Raises:
-            ValueError: if a saved state belongs to a different run (model, data, protocol, metrics, world size).
+            OSError: the write failed (e.g. disk full: the message names the file); the previous state is kept.
         """
-        meta_path, tensor_path = folder / f"rank{rank}.json", folder / f"rank{rank}.safetensors"
-        if not meta_path.is_file():
+        self.generation += 1
+        tensors = self.tensors()
+        text = json.dumps(self.meta(fingerprint), ensure_ascii=True)  # paths were made JSON-safe by the runner
+        tensors["meta"] = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+        path = state_path(folder, rank)
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
+        return path
+
+    @classmethod
+    def load(cls, folder: Path, rank: int, fingerprint: dict, metrics: Sequence[EvalMetric],
+             num_files: int) -> EvaluationState | None:
+        """The state saved by an earlier run with the same fingerprint (loaded into ``metrics``); None if none.
+
+        Raises:
+            ValueError: if the saved state belongs to a different run (the message names each difference) or was
+                written by an older version.
+        """
+        path = state_path(folder, rank)
+        if (folder / f"rank{rank}.json").is_file() and not _has_meta(path):
+            raise ValueError(f"cannot resume: {folder} holds state written by an older dualvitok (rank{rank}.json); "
+                             "run again with --overwrite to start over")
+        if not path.is_file():
             return None
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("fingerprint") != fingerprint:
-            diff = sorted(k for k in set(fingerprint) | set(meta.get("fingerprint", {}))
-                          if fingerprint.get(k) != meta.get("fingerprint", {}).get(k))
-            raise ValueError(f"cannot resume: the saved run in {folder.parent} differs in {diff}; use another --output "
-                             "folder or run without --resume to start over")
+        try:
+            t = load_file(str(path))
+            meta = json.loads(bytes(t.pop("meta").tolist()).decode("utf-8"))
+        except Exception as e:
+            raise ValueError(f"cannot resume: {path} is unreadable ({type(e).__name__}: {e}); run again with "
+                             "--overwrite to start over") from e
+        saved = meta.get("fingerprint", {})
+        if saved != fingerprint:
+            raise ValueError(f"cannot resume: the saved run in {folder.parent} differs in "
+                             f"{describe_difference(saved, fingerprint)}; use the same settings, another --output "
+                             "folder, or --overwrite to start over")
+        for m in metrics:
+            prefix = f"metric.{m.name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
+        state = cls(list(metrics), num_files=num_files)
+        state.done = set(torch.nonzero(t["done"]).flatten().tolist())
+        state.skipped, state.converted = meta["skipped"], Counter(meta["converted"])
+        state.samples_saved, state.per_image_bytes = meta["samples_saved"], meta["per_image_bytes"]
+        state.elapsed_s, state.generation = meta["elapsed_s"], meta["generation"]
+        state.complete = meta.get("complete", False)
+        return state
+
+
+def _has_meta(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "meta" in f.keys()
+    except Exception:
+        return False
+
+
+def saved_run_complete(folder: Path, rank: int) -> bool | None:
+    """Whether the state saved in ``folder`` belongs to a finished run; None if there is none (or unreadable)."""
+    path = state_path(folder, rank)
+    if not path.is_file():
+        return None  # (an older version's rank<r>.json cannot be resumed: nothing to protect)
+    try:
         from safetensors import safe_open
 
-        with safe_open(str(tensor_path), "pt") as f:
-            if f.metadata().get("generation") != str(meta["generation"]):
-                raise ValueError(f"cannot resume: {tensor_path} and {meta_path} are from different saves; start over")
-        t = load_file(str(tensor_path))
-        usage = DualCodebookUsage(CodebookUsage(template.usage.semantic.codebook_size),
-                                  CodebookUsage(template.usage.pixel.codebook_size))
-        usage.semantic.counts, usage.pixel.counts = t["usage.semantic"], t["usage.pixel"]
-        state = cls(usage=usage, fid_real=template.fid_real, fid_fake=template.fid_fake)
-        for name in ("fid_real", "fid_fake"):
-            stats = getattr(state, name)
-            if stats is not None:
-                stats.count = int(t[f"{name}.count"][0])
-                stats.mean, stats.comoment = t[f"{name}.mean"].double(), t[f"{name}.comoment"].double()
-        state.done = set(meta["done"])
-        state.skipped, state.converted = meta["skipped"], Counter(meta["converted"])
-        state.sums, state.squares, state.counts = meta["sums"], meta["squares"], meta["counts"]
-        state.nonfinite, state.samples_saved = meta["nonfinite"], meta["samples_saved"]
-        state.elapsed_s, state.generation = meta["elapsed_s"], meta["generation"]
-        return state
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(bytes(f.get_tensor("meta").tolist()).decode("utf-8"))
+        return bool(meta.get("complete", False))
+    except Exception:
+        return False

@@ -75,7 +75,8 @@ class LPIPS(nn.Module):
     def load_linear_layers(self, path: str | os.PathLike | None = None) -> None:
         """Load the v0.1 calibration layers (default: the file shipped in the ``lpips`` package)."""
         if path is None:
-            path = Path(_require("lpips", "eval", "LPIPS").__file__).parent / "weights" / "v0.1" / f"{self.net_name}.pth"
+            package = Path(_require("lpips", "eval", "LPIPS").__file__).parent
+            path = package / "weights" / "v0.1" / f"{self.net_name}.pth"
         state = load_state_dict(path)
         missing = [k for k in state if k not in self.model.state_dict()]
         if missing or not any(k.startswith("lin") for k in state):
