@@ -241,7 +241,7 @@ class Evaluator:
         buckets: dict[tuple[int, int], list[Sample]] = {}
         bar = tqdm(total=shard_total, initial=shard_total - len(items), unit="img", desc=f"evaluate {s.protocol.name}",
                    disable=not (s.progress and info.is_main), dynamic_ncols=True)
-        batches, started = 0, time.perf_counter()
+        batches, started, kept_records = 0, time.perf_counter(), []
         elapsed_before = state.elapsed_s
 
         def save() -> None:
@@ -257,6 +257,8 @@ class Evaluator:
             records = self._process(group, state, save_pairs=info.is_main and state.samples_saved < s.grid_images)
             if records_file is not None:
                 records_file.write("".join(json.dumps(json_safe(r)) + "\n" for r in records).encode())
+            else:
+                kept_records.extend(json_safe(r) for r in records)
             bar.update(len(group))
             batches += 1
             if state_dir is not None and batches % s.checkpoint_every == 0:
@@ -297,7 +299,7 @@ class Evaluator:
             finally:
                 if records_file is not None:
                     records_file.close()
-        records = []
+        records = kept_records
         if part is not None and part.is_file():
             records = [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
         return self._gather(state, files, world, records)

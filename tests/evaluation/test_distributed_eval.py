@@ -35,5 +35,8 @@ def test_two_process_gloo_run_equals_single_process(tiny_model_dir, messy_folder
     for name in ("psnr", "ssim"):
         assert b["metrics"][name] == pytest.approx(a["metrics"][name], rel=1e-9)
     assert b["codebook_usage"] == a["codebook_usage"]  # both codebooks summed over both ranks
-    assert (tmp_path / "dist" / "state" / "rank1.json").is_file()
+    assert (tmp_path / "dist" / "state" / "rank1.safetensors").is_file()  # one state file per rank
+    records = [json.loads(line) for line in (tmp_path / "dist" / "per_image.jsonl").read_text().splitlines()]
+    single_records = [json.loads(line) for line in (tmp_path / "single" / "per_image.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == [r["file"] for r in single_records]  # both ranks' images, in file order
     assert dist.stdout.count("| Model |") == 1  # only rank 0 prints and writes the reports

@@ -52,14 +52,16 @@ def test_evaluate_messy_folder_with_saved_model(tiny_model_dir, messy_folder, me
         assert 0 < u["utilisation"] <= 1 and u["tokens"] > 0
     table = (out / "results.md").read_text()
     assert table.startswith("| Model |") and "PSNR" in table and "Skipped 4 of 13 files" in table
-    with Image.open(out / "grid.png") as grid:
-        assert grid.height == 4 * 192 and grid.mode == "RGB"
+    with Image.open(out / "grid.png") as grid:  # 4 rows of 192 px, each under a 16 px caption
+        assert grid.height == 4 * (192 + 16) and grid.mode == "RGB"
+        caption = np.asarray(grid.convert("L"))[:16]
+        assert (caption < 128).any() and (caption > 250).mean() > 0.5  # dark text on white
     assert (out / "codebook_histograms.npz").is_file()
 
     # PSNR/SSIM recomputed independently: processor -> model (one image at a time) -> uint8 -> skimage
     model = DualViTok.from_pretrained(tiny_model_dir).eval()
     processor = ImageProcessor(max_pixels=64 * 64)
-    psnrs, ssims = [], []
+    psnrs, ssims, names = [], [], []
     for name, outcome in sorted(messy_expected.items()):
         if outcome != "ok":
             continue
@@ -68,11 +70,22 @@ def test_evaluate_messy_folder_with_saved_model(tiny_model_dir, messy_folder, me
             recon = processor.to_uint8(model(x).reconstruction)[0].permute(1, 2, 0).numpy() / 255.0
         orig = processor.to_uint8(x)[0].permute(1, 2, 0).numpy() / 255.0
         psnrs.append(skimage_metrics.peak_signal_noise_ratio(orig, recon, data_range=1.0))
+        names.append(name)
         ssims.append(skimage_metrics.structural_similarity(recon, orig, gaussian_weights=True, sigma=1.5,
                                                            use_sample_covariance=False, data_range=1.0,
                                                            channel_axis=-1))
     assert results["metrics"]["psnr"] == pytest.approx(float(np.mean(psnrs)), abs=0.02)
     assert results["metrics"]["ssim"] == pytest.approx(float(np.mean(ssims)), abs=2e-3)
+    # per_image.jsonl: one record per evaluated image, in file order, with its own PSNR/SSIM and the file's size
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    by_name = {Path(r["file"]).relative_to(messy_folder).as_posix(): r for r in records}
+    assert set(by_name) == set(names) and len(records) == n_ok
+    for name, p, s in zip(names, psnrs, ssims, strict=True):
+        assert by_name[name]["psnr"] == pytest.approx(p, abs=0.02)
+        assert by_name[name]["ssim"] == pytest.approx(s, abs=2e-3)
+    with Image.open(messy_folder / "large.png") as im:
+        assert by_name["large.png"]["size"] == [im.height, im.width]
+    assert set(records[0]) == {"file", "size", "evaluated_size", "psnr", "ssim", "ssim_reference_inflated"}
 
 
 def test_default_invocation_uses_bundled_demo(tiny_model_dir, tmp_path, monkeypatch, offline_empty_cache, capsys):
@@ -128,6 +141,7 @@ def test_rfid_and_lpips_with_explicit_weight_files(tiny_model_dir, messy_folder,
                  "--no-progress", "--dtype", "bfloat16"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == {"psnr", "lpips_alex", "rfid"} and results["settings"]["dtype"] == "bfloat16"
+    assert results["fid_backend"] == results["settings"]["fid_backend"] == "pytorch-fid"
     a, b = load_statistics(out / "fid_stats_originals.npz"), load_statistics(out / "fid_stats_reconstructions.npz")
     assert a.num_samples == b.num_samples == results["num_images"]
     assert frechet_distance(a.mu, a.sigma, b.mu, b.sigma) == pytest.approx(results["metrics"]["rfid"], rel=1e-9)
