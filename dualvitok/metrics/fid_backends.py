@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,9 @@ class CleanFIDFeatures(nn.Module):
             link = Path(folder) / "inception-2015-12-05.pt"
             link.symlink_to(path.resolve())
             try:
-                self.net = InceptionV3W(folder, download=False, resize_inside=False)
+                with warnings.catch_warnings():  # torch marks torch.jit.load deprecated; clean-fid ships TorchScript
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.net = InceptionV3W(folder, download=False, resize_inside=False)
             except RuntimeError as e:
                 raise ValueError(f"{path} is not clean-fid's TorchScript Inception ({str(e)[:200]})") from e
         self.resize: Callable[[np.ndarray], np.ndarray] = build_resizer("clean")
@@ -140,7 +143,9 @@ def _fidelity_distance(a: FIDStatistics, b: FIDStatistics) -> float:
 
 def _cleanfid_distance(a: FIDStatistics, b: FIDStatistics) -> float:
     fid = require("cleanfid.fid", "cleanfid", "--fid-backend clean-fid")
-    return float(fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    with warnings.catch_warnings():  # clean-fid passes scipy's deprecated sqrtm(disp=False)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return float(fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
 def _pytorch_fid_distance(a: FIDStatistics, b: FIDStatistics) -> float:

@@ -146,3 +146,21 @@ def test_rfid_and_lpips_with_explicit_weight_files(tiny_model_dir, messy_folder,
     assert a.num_samples == b.num_samples == results["num_images"]
     assert frechet_distance(a.mu, a.sigma, b.mu, b.sigma) == pytest.approx(results["metrics"]["rfid"], rel=1e-9)
     assert "rFID ↓" in (out / "results.md").read_text() and results["metrics"]["lpips_alex"] >= 0
+
+
+@pytest.mark.slow
+def test_evaluate_records_the_fid_backend(tiny_model_dir, messy_folder, tmp_path, offline_empty_cache):
+    """--fid-backend torch-fidelity with a (random) Inception file: results.json and results.md name the backend."""
+    pytest.importorskip("torch_fidelity")
+    from dualvitok.metrics import InceptionFeatures
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(InceptionFeatures().inception.state_dict(), weights)  # pytorch-fid's keys = torch-fidelity's keys
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(messy_folder / "a"), "--protocol",
+                 "native", "--max-pixels", "4096", "--metrics", "psnr,rfid", "--fid-backend", "torch-fidelity",
+                 "--fid-weights", str(weights), "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["fid_backend"] == "torch-fidelity" and results["metrics"]["rfid"] >= 0
+    assert "rFID convention: torch-fidelity" in (out / "results.md").read_text()
