@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._utils.distributed import DistInfo, all_gather_json, barrier, init_distributed, shutdown_distributed
-from .._utils.io import json_path, save_image
+from .._utils.io import json_path, read_jsonl, save_image
 from .._utils.locking import output_lock
 from ..metrics.fid_backends import FIDBackend
 from ..processor import ImageProcessor
@@ -246,8 +247,9 @@ class Evaluator:
 
         def save() -> None:
             state.elapsed_s = elapsed_before + time.perf_counter() - started
-            if records_file is not None:
+            if records_file is not None:  # durable before the state that counts its bytes
                 records_file.flush()
+                os.fsync(records_file.fileno())
                 state.per_image_bytes = records_file.tell()
             state.save(state_dir, rank, fingerprint)
 
@@ -301,7 +303,7 @@ class Evaluator:
                     records_file.close()
         records = kept_records
         if part is not None and part.is_file():
-            records = [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
+            records = read_jsonl(part)
         return self._gather(state, files, world, records)
 
     def _gather(self, state: EvaluationState, files: Sequence[Path], world: int,

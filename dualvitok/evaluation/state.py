@@ -83,7 +83,7 @@ class EvaluationState:
         text = json.dumps(self.meta(fingerprint), ensure_ascii=True)  # paths were made JSON-safe by the runner
         tensors["meta"] = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
         path = state_path(folder, rank)
-        with atomic_write(path) as tmp:
+        with atomic_write(path, fsync=True) as tmp:  # durable: a power loss keeps this or the previous state
             save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
         return path
 

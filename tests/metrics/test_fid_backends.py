@@ -61,14 +61,6 @@ def test_each_backends_distance_equals_scipy_on_the_same_features(backend):
     assert result.values["rfid"] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.fixture
-def empty_torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("DUALVITOK_FID_WEIGHTS", "DUALVITOK_FIDELITY_WEIGHTS", "DUALVITOK_CLEANFID_WEIGHTS"):
-        monkeypatch.delenv(var, raising=False)
-
-
 @pytest.mark.parametrize("backend, file", [("torch-fidelity", "weights-inception-2015-12-05-6726825d.pth"),
                                            ("clean-fid", "inception-2015-12-05.pt"),
                                            ("pytorch-fid", "pt_inception-2015-12-05-6726825d.pth")])

@@ -21,15 +21,6 @@ def _photos(paths, size=64, n=2) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-@pytest.fixture
-def empty_torch_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("DUALVITOK_FID_WEIGHTS", "DUALVITOK_LPIPS_VGG_WEIGHTS", "DUALVITOK_LPIPS_ALEX_WEIGHTS"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path / "torch_home"
-
-
 def test_missing_weights_offline_say_how_to_provide_them(empty_torch_home, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("must not download offline")
