@@ -127,3 +127,19 @@ def test_deprecated_workers_alias(tiny_model_dir, messy_folder, tmp_path, offlin
     out = tmp_path / "out"
     assert main(_args(tiny_model_dir, messy_folder / "a", out, "--workers", "0")) == 0
     assert "--workers is deprecated" in caplog.text
+
+
+def test_evaluate_follows_the_cli_convention(capsys):
+    from dualvitok.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate"])
+    assert (args.device, args.dtype, args.num_workers, args.model, args.output) == ("auto", "float32", 0, "demo",
+                                                                                    "dualvitok_eval")
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["evaluate"]
+    dtype = next(a for a in sub._actions if "--dtype" in a.option_strings)
+    assert set(dtype.choices) == {"float32", "bfloat16", "float16"}
+    assert all(a.help for a in sub._actions if a.option_strings)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--resume", "--overwrite"])  # one or the other
+    assert "not allowed with" in capsys.readouterr().err
