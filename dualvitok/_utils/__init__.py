@@ -10,6 +10,6 @@
 The device policy is public and lives in :mod:`dualvitok.devices`.
 """
 
-from .io import atomic_write, json_path, read_jsonl, save_image, save_image_grid, to_plain, write_json
+from .io import atomic_write, json_path, save_image, save_image_grid, to_plain, write_json
 
-__all__ = ["atomic_write", "json_path", "read_jsonl", "save_image", "save_image_grid", "to_plain", "write_json"]
+__all__ = ["atomic_write", "json_path", "save_image", "save_image_grid", "to_plain", "write_json"]

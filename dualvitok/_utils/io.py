@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import errno
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -92,34 +91,6 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
         tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8",
                        errors="backslashreplace")
     return Path(path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """The records of a JSON-lines file, tolerating a torn last line (power loss or a full disk while appending).
-
-    An incomplete final line (no newline and not valid JSON) is dropped with a warning; an unreadable line anywhere
-    else is an error, so that valid records are never skipped silently.
-
-    Raises:
-        ValueError: naming the file and the line number of a corrupt line that is not the last.
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line.decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if number == len(lines):  # the last line, without its newline: torn while being written
-                logging.getLogger(__name__).warning("%s: ignoring an incomplete last line (%d bytes): %s", path,
-                                                    len(line), e)
-                break
-            raise ValueError(f"{path}, line {number}: not valid JSON ({e}); the file is corrupt in the middle, "
-                             "which an interrupted append cannot cause: restore or delete it") from e
-    return records
 
 
 def json_path(path: str | os.PathLike) -> str:

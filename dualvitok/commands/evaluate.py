@@ -188,7 +188,7 @@ def _prepare_output(args, rank: int, is_main: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._utils.distributed import init_distributed, shutdown_distributed
-    from .._utils.locking import OutputLockedError, output_lock
+    from .._utils.locking import output_lock
     from ..devices import resolve_device
 
     device = resolve_device(args.device)
@@ -198,9 +198,6 @@ def run(args: argparse.Namespace) -> int:
             device = torch.device("cuda", info.local_rank)  # one GPU per torchrun process
         with output_lock(args.output, "evaluate", info.rank):
             return _run(args, device, info)
-    except OutputLockedError as e:  # a RuntimeError, which dualvitok.cli does not turn into a message
-        print(f"dualvitok evaluate: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         if info.is_main:
             how = "rerun the same torchrun command with --resume" if info.enabled else "resume with"

@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._utils.distributed import DistInfo, all_gather_json, barrier, init_distributed, shutdown_distributed
-from .._utils.io import json_path, read_jsonl, save_image
+from .._utils.io import json_path, save_image
 from .._utils.locking import output_lock
 from ..metrics.fid_backends import FIDBackend
 from ..processor import ImageProcessor
+from ..tokens import read_jsonl
 from .data import ImageFileDataset, Sample
 from .metrics import ALL_METRICS, DEFAULT_METRICS, EvalBatch, EvalMetric, build_metrics
 from .protocols import EvaluationProtocol, get_protocol

@@ -86,21 +86,3 @@ def test_save_image_grid_layout(tmp_path):
     with Image.open(path) as image:
         assert image.size == (10, 8)
         assert image.getpixel((0, 0)) == (0, 0, 0) and image.getpixel((9, 7)) == (255, 255, 255)
-
-
-def test_read_jsonl_drops_only_a_torn_last_line(tmp_path, caplog):
-    import json
-
-    from dualvitok._utils import read_jsonl
-
-    path = tmp_path / "records.jsonl"
-    good = [{"file": "a.png", "psnr": 20.5}, {"file": "b.png", "psnr": 21.0}]
-    text = "".join(json.dumps(r) + "\n" for r in good)
-    path.write_text(text + '{"file": "c.png", "ps')  # power loss while appending the third record
-    assert read_jsonl(path) == good
-    assert "incomplete last line" in caplog.text
-    path.write_text(text)
-    assert read_jsonl(path) == good
-    path.write_text(json.dumps(good[0]) + "\n" + '{"file": "b.p\n' + json.dumps(good[1]) + "\n")
-    with pytest.raises(ValueError, match="line 2"):  # corrupt in the middle: never skipped silently
-        read_jsonl(path)
