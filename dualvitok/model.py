@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_images, check_index_grids
 from .blocks.movq import MoVQDecoder, MoVQEncoder
 from .configuration import DualViTokConfig, MoVQConfig, QuantizerConfig
 from .hub import HubMixin
@@ -92,45 +92,17 @@ class DualViTok(HubMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------------ checks
     def check_images(self, images: Tensor) -> None:
-        """Raise a clear error unless ``images`` is a float ``[B, 3, H, W]`` batch in [-1, 1], H, W multiples of 16."""
-        if not torch.is_tensor(images):
-            raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}; "
-                            "use dualvitok.ImageProcessor to convert PIL images, arrays or files")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be float in [-1, 1], got dtype {images.dtype}; convert uint8 data with "
-                            "dualvitok.ImageProcessor or (x / 127.5 - 1)")
-        if images.ndim != 4:
-            hint = "; add a batch dimension with images.unsqueeze(0)" if images.ndim == 3 else ""
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}{hint}")
-        if images.shape[1] != 3:
-            raise ValueError(f"images must have 3 (RGB) channels in dim 1, got {images.shape[1]} (shape "
-                             f"{tuple(images.shape)}); convert grayscale/RGBA to RGB, channels first")
-        f = self.downsample_factor
-        h, w = images.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(f"image height and width must be multiples of {f}, got {h}x{w}; resize or crop to "
-                             f"{max(f, round(h / f) * f)}x{max(f, round(w / f) * f)} "
-                             "(dualvitok.ImageProcessor does this)")
-        if h < 28 or w < 28:
-            raise ValueError(f"images must be at least 28x28 for the semantic branch, got {h}x{w}")
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or infinite values")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -1.5 or hi > 1.5:
-            raise ValueError(f"images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; for 0..255 data use "
-                             "x / 127.5 - 1, for 0..1 data use 2 * x - 1")
-        if lo >= 0.0:  # no extra sync: lo is already on the host
-            warnings.warn(f"images are all in [0, 1] (values in [{lo:.3g}, {hi:.3g}]) but DualViTok expects [-1, 1]: "
-                          "convert 0..1 data with 2 * x - 1 (dualvitok.ImageProcessor does this); ignore this if "
-                          "the images really are that bright", UserWarning, stacklevel=3)
+        """Raise a clear error unless ``images`` is a float ``[B, 3, H, W]`` batch in [-1, 1], H, W multiples of 16.
+
+        See :mod:`dualvitok._checks`: the value checks run in eager mode only and can be switched off.
+        """
+        check_images(images, self.downsample_factor)
 
     def _check_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> None:
-        for name, idx in (("semantic_indices", semantic_indices), ("pixel_indices", pixel_indices)):
-            if not torch.is_tensor(idx) or idx.ndim != 3:
-                raise ValueError(f"{name} must be a [B, h, w] integer tensor, got {getattr(idx, 'shape', type(idx))}")
-        if semantic_indices.shape[0] != pixel_indices.shape[0]:
-            raise ValueError(f"batch sizes differ: semantic_indices {tuple(semantic_indices.shape)} vs pixel_indices "
-                             f"{tuple(pixel_indices.shape)}")
+        f = self.downsample_factor
+        shape = getattr(pixel_indices, "shape", ())
+        semantic_grid = self.grid_sizes(shape[1] * f, shape[2] * f)[0] if len(shape) == 3 else (0, 0)
+        check_index_grids(semantic_indices, pixel_indices, semantic_grid)
         self.semantic_quantizer.check_indices(semantic_indices)
         self.pixel_quantizer.check_indices(pixel_indices)
 
@@ -170,8 +142,9 @@ class DualViTok(HubMixin, nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         se = self.semantic_encoder
         pixel_values, grid_thw = self.semantic_preprocessor(images)
-        tower_features, target = se.forward_tower(pixel_values, grid_thw)  # frozen tower: bf16 on the fast path
-        hs, ws = se.grid_size(grid_thw)[1:]
+        grid = self.semantic_preprocessor.grid(*images.shape[-2:])  # (t, h, w) as ints: no host synchronisation
+        tower_features, target = se.forward_tower(pixel_values, grid)  # frozen tower: bf16 on the fast path
+        hs, ws = se.grid_size(grid)[1:]
         features = se.forward_head(target.to(self._stage_dtype(se.proj_in)), hs, ws)
         sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
         pixel_features = self.pixel_quant_conv(self.pixel_encoder(images.to(self._stage_dtype(self.pixel_encoder))))

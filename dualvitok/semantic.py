@@ -87,8 +87,16 @@ class SemanticPreprocessor(nn.Module):
         x = x.reshape(b, t, c, gh // m, m, p, gw // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [B, gh/m, gw/m, m, m, C, T, P, P]
         pixel_values = x.reshape(b * gh * gw, c * t * p * p)
-        grid_thw = torch.tensor([[1, gh, gw]] * b, dtype=torch.long)
+        grid_thw = torch.tensor([[1, gh, gw]], dtype=torch.long).repeat(b, 1)  # [B, 3]; b may be symbolic (export)
         return pixel_values, grid_thw
+
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(t, gh, gw)``: the patch grid every ``height x width`` image gets (the rows of ``grid_thw``), as ints.
+
+        Pass it instead of ``grid_thw`` to the tower where no host synchronisation may happen (compile, export).
+        """
+        hs, ws = semantic_input_size(int(height), int(width), self.unit)
+        return 1, hs // self.patch_size, ws // self.patch_size
 
 
 def _projection(kind: str, in_dim: int, out_dim: int, eps: float = 1e-5) -> nn.Sequential:
@@ -143,20 +151,32 @@ class SemanticEncoder(_RopeTransformer):
         self.proj_in = nn.Linear(tower.hidden_size, config.embed_dim)
         self.proj_out = _projection(config.proj_layer, config.embed_dim, config.z_channels)
 
-    def grid_size(self, grid_thw: Tensor) -> tuple[int, int, int]:
-        """``(B, hs, ws)`` of the merged token grid; all images must share one grid."""
+    def grid_size(self, grid_thw: Tensor | tuple[int, int, int]) -> tuple[int, int, int]:
+        """``(B, hs, ws)`` of the merged token grid; all images must share one grid.
+
+        ``grid_thw`` is the ``[B, 3]`` tensor of the preprocessor (read on the host), or one ``(t, h, w)`` tuple
+        shared by every image (no host synchronisation; ``B`` is then returned as -1, any number of images).
+        """
+        if not torch.is_tensor(grid_thw):
+            t, h, w = (int(v) for v in grid_thw)
+            return -1, h // self.merge_size, w // self.merge_size
         grids = grid_thw.tolist()
         if any(g != grids[0] for g in grids):
             raise ValueError(f"all images of a batch must have the same semantic grid, got {grids}; group by size")
+        if not grids:
+            raise ValueError("grid_thw is empty (no images); pass at least one image")
         return len(grids), grids[0][1] // self.merge_size, grids[0][2] // self.merge_size
 
-    def forward_tower(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
-        """Frozen tower, no autograd: ``(tower_features, target)``, each ``[B, hs*ws, C_vit]``."""
-        batch, hs, ws = self.grid_size(grid_thw)
+    def forward_tower(self, pixel_values: Tensor, grid_thw: Tensor | tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+        """Frozen tower, no autograd: ``(tower_features, target)``, each ``[B, hs*ws, C_vit]``.
+
+        ``grid_thw``: ``[B, 3]`` tensor or one ``(t, h, w)`` tuple shared by all images (see :meth:`grid_size`).
+        """
+        _, hs, ws = self.grid_size(grid_thw)
         with torch.no_grad():
             tower_features = self.model(pixel_values, grid_thw)  # [B*hs*ws, C_vit]
             target = self.target_mlp(tower_features)
-        return tower_features.view(batch, hs * ws, -1), target.view(batch, hs * ws, -1)
+        return tower_features.view(-1, hs * ws, tower_features.shape[-1]), target.view(-1, hs * ws, target.shape[-1])
 
     def forward_head(self, target: Tensor, height: int, width: int) -> Tensor:
         """Trainable head: ``target [B, hs*ws, C_vit]`` -> features ``[B, hs*ws, z]``."""

@@ -26,6 +26,59 @@ _MISSING_SETS: dict[str, str] = {}  # name -> why, reported by pytest_terminal_s
 _USED_SETS: dict[str, Path] = {}
 
 
+def available_devices() -> list[str]:
+    """Devices the device matrix runs on: ``cpu`` always, ``cuda`` and ``mps`` when present.
+
+    ``DUALVITOK_TEST_DEVICES=cuda`` (comma-separated) restricts the matrix, e.g. to the GPU on a GPU machine; a listed
+    device that is not present is skipped with its reason.
+    """
+    requested = os.environ.get("DUALVITOK_TEST_DEVICES", "").strip()
+    if requested:
+        return [d.strip() for d in requested.split(",") if d.strip()]
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _device_present(name: str) -> bool:
+    kind = torch.device(name).type
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return mps is not None and mps.is_available()
+    return kind == "cpu"
+
+
+@pytest.fixture(scope="session", params=[pytest.param(d, id=d, marks=getattr(pytest.mark, torch.device(d).type))
+                                         for d in available_devices()])
+def device(request) -> torch.device:
+    """Each available device in turn (the device matrix). On CUDA, TF32 is off for matmuls and convolutions."""
+    name = request.param
+    if not _device_present(name):
+        pytest.skip(f"device {name!r} is not present on this machine")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield dev
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    else:
+        yield dev
+
+
+@pytest.fixture(scope="session")
+def tiny_model_on(tiny_model, device):
+    """The shared tiny model on the matrix device (a copy; do not modify it in tests)."""
+    import copy
+
+    return tiny_model if device.type == "cpu" else copy.deepcopy(tiny_model).to(device)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

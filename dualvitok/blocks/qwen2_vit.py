@@ -97,26 +97,42 @@ class Qwen2VisionTower(nn.Module):
         """(row, col) on the patch grid of one image in sequence order, ``[t*h*w, 2]``."""
         return grid_positions(h, w, self.config.spatial_merge_size, device).repeat(t, 1)
 
-    def forward_features(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
-        """Hidden states after the last block, before the merger: ``[N, embed_dim]``."""
+    def forward_features(self, pixel_values: Tensor, grid_thw: Tensor | tuple[int, int, int]) -> Tensor:
+        """Hidden states after the last block, before the merger: ``[N, embed_dim]``.
+
+        ``grid_thw`` is the ``[B, 3]`` tensor of Qwen2-VL (read on the host; images may differ in size), or one
+        ``(t, h, w)`` tuple shared by every image: then nothing is read from the device, so the tower compiles
+        (``torch.compile(fullgraph=True)``) and exports with a dynamic number of images.
+        """
         if pixel_values.ndim != 2:
             raise ValueError(f"pixel_values must be flattened patches [N, C*T*P*P], got {tuple(pixel_values.shape)}")
-        grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
-        lengths = [t * h * w for t, h, w in grids]
-        if sum(lengths) != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw describes {sum(lengths)} patches but pixel_values has {pixel_values.shape[0]}")
         x = self.patch_embed(pixel_values)  # [N, C]
-        if len(set(grids)) == 1:
-            groups = [(grids[0], x.view(len(grids), lengths[0], -1))]  # one batch [B, L, C]
+        if torch.is_tensor(grid_thw):
+            grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+            lengths = [t * h * w for t, h, w in grids]
+            if sum(lengths) != pixel_values.shape[0]:
+                raise ValueError(f"grid_thw describes {sum(lengths)} patches but pixel_values has "
+                                 f"{pixel_values.shape[0]}")
+            if not grids:
+                raise ValueError("grid_thw is empty (no images); pass at least one image")
+            if len(set(grids)) == 1:
+                groups = [(grids[0], x.view(len(grids), lengths[0], -1))]  # one batch [B, L, C]
+            else:
+                groups = [(g, chunk.unsqueeze(0)) for g, chunk in zip(grids, x.split(lengths), strict=True)]
         else:
-            groups = [(g, chunk.unsqueeze(0)) for g, chunk in zip(grids, x.split(lengths), strict=True)]
+            t, h, w = (int(v) for v in grid_thw)
+            length = t * h * w
+            if length == 0 or pixel_values.shape[0] % length:
+                raise ValueError(f"grid (t, h, w) = {(t, h, w)} does not divide the {pixel_values.shape[0]} patches "
+                                 "of pixel_values into whole images")
+            groups = [((t, h, w), x.view(-1, length, x.shape[-1]))]  # [B, L, C], B may be symbolic
         outputs = []
         for (t, h, w), tokens in groups:
-            rope = rotary_cos_sin(self.rotary_pos_emb(self.positions(t, h, w)))  # 2 x [L, 1, head_dim]
+            rope = rotary_cos_sin(self.rotary_pos_emb(self.positions(t, h, w, x.device)))  # 2 x [L, 1, head_dim]
             for block in self.blocks:
                 tokens = block(tokens, rope)
             outputs.append(tokens.reshape(-1, tokens.shape[-1]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor | tuple[int, int, int]) -> Tensor:
         return self.merger(self.forward_features(pixel_values, grid_thw))

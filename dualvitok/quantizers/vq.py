@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, nearest_code
+from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, SearchPlan, nearest_code
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
@@ -37,6 +37,7 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: in training, codes whose running usage (an EMA of counts per step) falls below this
             are re-initialised from random vectors of the batch; 0 disables restarts.
         memory_budget: bytes allowed for the temporary distance tiles of the search.
+        search_plan: tile plan of the search (``"auto"``: by device; see :func:`~dualvitok.quantizers.nearest_code`).
 
     Shape:
         ``x [B, D, *spatial]`` -> ``QuantizerOutput(quantized [B, D, *spatial], indices [B, *spatial], loss [])``.
@@ -52,8 +53,9 @@ class VectorQuantizer(Quantizer):
         ema_decay: float | None = None,
         dead_code_threshold: float = 0.0,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        search_plan: SearchPlan = "auto",
     ):
-        super().__init__(dim, codebook_size, channel_first, memory_budget)
+        super().__init__(dim, codebook_size, channel_first, memory_budget, search_plan)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.beta = float(beta)
@@ -83,7 +85,7 @@ class VectorQuantizer(Quantizer):
                 rows = F.normalize(rows, dim=-1)
             codebook = self.codebook.float()
             flat = rows.reshape(-1, self.dim)  # [B*L, D]
-            indices = nearest_code(flat, codebook, self.memory_budget).indices
+            indices = nearest_code(flat, codebook, self.memory_budget, plan=self.search_plan).indices
             quantized = codebook[indices].view_as(rows)  # [B, L, D], codes before this step's update
             if self.training:
                 self._update_codebook(flat.detach(), indices)

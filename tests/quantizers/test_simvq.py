@@ -22,12 +22,13 @@ def independent_simvq(x, frozen, weight):
     return q.reshape(b, h, w, d).permute(0, 3, 1, 2), idx.reshape(b, h, w), loss
 
 
-def test_outputs_loss_and_gradients_equal_independent_implementation():
+def test_outputs_loss_and_gradients_equal_independent_implementation(device):
     torch.manual_seed(0)
     vq = SimVQ(dim=16, codebook_size=300)
     with torch.no_grad():
         vq.code_transform.weight.copy_(torch.randn(16, 16) * 0.3)
-    x1 = (torch.randn(2, 16, 5, 7) * 0.3).requires_grad_()
+    vq.to(device)
+    x1 = (torch.randn(2, 16, 5, 7) * 0.3).to(device).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
     weight2 = vq.code_transform.weight.detach().clone().requires_grad_()
 
@@ -36,7 +37,7 @@ def test_outputs_loss_and_gradients_equal_independent_implementation():
     assert isinstance(out, QuantizerOutput)
     assert torch.equal(out.indices, idx2)
     torch.testing.assert_close(out.quantized, q2, atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.loss, loss2, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(out.loss, loss2, atol=1e-7, rtol=1e-5)
 
     upstream = torch.randn_like(q2)
     ((out.quantized * upstream).sum() + out.loss).backward()
@@ -97,6 +98,77 @@ def test_inference_codebook_cache_follows_weight_updates():
     idx = vq(x).indices
     torch.testing.assert_close(after, vq.indices_to_codes(idx).detach())
     assert not torch.allclose(before, after)
+
+
+def _stale_case(device):
+    """Issue 14.4: eval, one search (cache filled), then a new weight written through ``.data``."""
+    torch.manual_seed(0)
+    vq = SimVQ(dim=8, codebook_size=512).eval().to(device)
+    x = torch.randn(2, 8, 8, 8, device=device)
+    with torch.no_grad():
+        vq(x)
+        new_weight = torch.randn(8, 8, device=device)
+    return vq, x, new_weight
+
+
+def _fresh_indices(vq, x):
+    """Indices from the current weights, computed without the module's cache (brute force)."""
+    codebook = vq.frozen_codebook @ vq.code_transform.weight.detach().t()
+    rows = x.movedim(1, -1).reshape(-1, vq.dim)
+    return torch.cdist(rows.double(), codebook.double()).argmin(1).view(x.shape[0], *x.shape[2:])
+
+
+def test_in_place_data_write_gives_fresh_indices_on_cpu():
+    vq, x, new_weight = _stale_case("cpu")
+    vq.code_transform.weight.data.copy_(new_weight)  # no version counter bump
+    with torch.no_grad():
+        got = vq(x).indices
+    assert torch.equal(got, _fresh_indices(vq, x))
+
+
+def test_explicit_invalidation_gives_fresh_indices(device):
+    vq, x, new_weight = _stale_case(device)
+    vq.code_transform.weight.data.copy_(new_weight)
+    vq.invalidate_cache()
+    with torch.no_grad():
+        assert torch.equal(vq(x).indices, _fresh_indices(vq, x))
+
+
+@pytest.mark.parametrize("update", ["no_grad_copy", "load_state_dict", "train_eval", "optimizer", "buffer",
+                                    "replace_parameter"])
+def test_cache_is_invalidated_by_weight_updates(update, device):
+    vq, x, new_weight = _stale_case(device)
+    if update == "no_grad_copy":
+        with torch.no_grad():
+            vq.code_transform.weight.copy_(new_weight)
+    elif update == "load_state_dict":
+        vq.load_state_dict({"frozen_codebook": vq.frozen_codebook.clone(), "code_transform.weight": new_weight})
+    elif update == "train_eval":
+        vq.train()
+        vq.code_transform.weight.data.copy_(new_weight)
+        vq.eval()
+    elif update == "optimizer":
+        opt = torch.optim.SGD(vq.parameters(), lr=10.0)
+        vq.train()
+        vq(x).loss.backward()
+        opt.step()  # then an evaluation under no_grad without a mode switch
+    elif update == "buffer":
+        vq.frozen_codebook.copy_(torch.randn_like(vq.frozen_codebook))
+    elif update == "replace_parameter":
+        vq.code_transform.weight = torch.nn.Parameter(new_weight)
+    with torch.no_grad():
+        assert torch.equal(vq(x).indices, _fresh_indices(vq, x)), update
+
+
+def test_cache_follows_device_and_dtype_moves():
+    vq, x, _ = _stale_case("cpu")
+    vq.double()
+    with torch.no_grad():
+        out = vq(x.double())
+    assert torch.equal(out.indices, _fresh_indices(vq, x.double()))
+    vq.float()
+    with torch.no_grad():
+        assert vq(x).quantized.dtype == torch.float32
 
 
 def test_rotation_trick_forward_value_and_gradient_flow():
