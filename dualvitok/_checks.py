@@ -154,3 +154,13 @@ def check_index_grids(semantic_indices: Tensor, pixel_indices: Tensor, semantic_
             f"an image with a {h}x{w} pixel grid has a {semantic_grid[0]}x{semantic_grid[1]} semantic grid; pass "
             "both grids of one encoding (model.grid_sizes(height, width) gives them for an image size)"
         )
+
+
+def check_codes(semantic_codes: Tensor, pixel_codes: Tensor, semantic_dim: int, pixel_dim: int) -> None:
+    """Shapes of a ``decode`` pair: ``[B, semantic_dim, hs, ws]`` and ``[B, pixel_dim, h, w]``, non-empty grids."""
+    for name, t, dim in (("semantic_codes", semantic_codes, semantic_dim), ("pixel_codes", pixel_codes, pixel_dim)):
+        if not torch.is_tensor(t) or t.ndim != 4 or t.shape[1] != dim:
+            raise ValueError(f"{name} must be [B, {dim}, h, w], got {tuple(getattr(t, 'shape', ())) or type(t)}")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{name} has an empty grid {t.shape[2]}x{t.shape[3]} (shape {tuple(t.shape)}); a code "
+                             "grid needs at least one row and column")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_images, check_index_grids
+from ._checks import check_codes, check_images, check_index_grids
 from .blocks.movq import MoVQDecoder, MoVQEncoder
 from .configuration import DualViTokConfig, MoVQConfig, QuantizerConfig
 from .hub import HubMixin
@@ -198,10 +198,7 @@ class DualViTok(HubMixin, nn.Module):
         Returns:
             ``[B, 3, 16h, 16w]``, unclamped (nominally [-1, 1]).
         """
-        for name, t, dim in (("semantic_codes", semantic_codes, self.semantic_quantizer.dim),
-                             ("pixel_codes", pixel_codes, self.pixel_quantizer.dim)):
-            if t.ndim != 4 or t.shape[1] != dim:
-                raise ValueError(f"{name} must be [B, {dim}, h, w], got {tuple(t.shape)}")
+        check_codes(semantic_codes, pixel_codes, self.semantic_quantizer.dim, self.pixel_quantizer.dim)
         merged = self.merge_codes(semantic_codes, pixel_codes)
         if self.channels_last:
             merged = merged.contiguous(memory_format=torch.channels_last)

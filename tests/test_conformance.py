@@ -10,6 +10,7 @@ is above 1e-4. The comparison is generic over the cases listed in cases.json.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -27,12 +28,16 @@ def _cases(conformance_dir):
 
 
 @pytest.fixture(scope="module")
-def outputs(reference_model, conformance_dir):
+def outputs(reference_model, conformance_dir, device):
+    """Our tensors for every case, computed on the matrix ``device`` (TF32 off on CUDA), compared on the CPU."""
     results = {}
+    if device.type != "cpu":
+        reference_model = copy.deepcopy(reference_model).to(device)
     for case in _cases(conformance_dir):
         ref = load_file(conformance_dir / case["file"])
+        inputs = {k: ref[k].to(device) for k in ("image", "semantic_indices", "pixel_indices")}
         with torch.no_grad():
-            enc = reference_model.encode(ref["image"])
+            enc = reference_model.encode(inputs["image"])
             merged = reference_model.merge_codes(enc.semantic_codes, enc.pixel_codes)
             ours = {
                 "semantic_pixel_values": enc.semantic_pixel_values,
@@ -48,11 +53,11 @@ def outputs(reference_model, conformance_dir):
                 "pixel_quantizer_loss": enc.pixel_loss,
                 "merged_codes": merged,
                 "reconstruction": reference_model.decode(enc.semantic_codes, enc.pixel_codes),
-                "reconstruction_from_indices": reference_model.decode_indices(ref["semantic_indices"],
-                                                                              ref["pixel_indices"]),
+                "reconstruction_from_indices": reference_model.decode_indices(inputs["semantic_indices"],
+                                                                              inputs["pixel_indices"]),
                 "semantic_reconstruction": reference_model.decode_semantic(enc.semantic_codes),
             }
-        results[case["file"]] = (ref, ours)
+        results[case["file"]] = (ref, {k: v.cpu() for k, v in ours.items()})
     return results
 
 

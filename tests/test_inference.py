@@ -12,7 +12,10 @@ from dualvitok import ImageProcessor
 
 
 @pytest.fixture(scope="module")
-def models(reference_model):
+def models(reference_model, device):
+    """The float32 reference and its fast path, both on the matrix ``device``."""
+    if device.type != "cpu":
+        reference_model = copy.deepcopy(reference_model).to(device)
     fast = copy.deepcopy(reference_model).optimize_for_inference()
     return reference_model, fast
 
@@ -37,7 +40,7 @@ def test_quality_guard_on_real_photos(models, sample_image_paths):
     processor = ImageProcessor(size=(256, 256))
     psnrs, equal, total, pixel_equal, pixel_total = [], 0, 0, 0, 0
     for path in sample_image_paths:
-        x = processor(path)
+        x = processor(path).to(next(reference.parameters()).device)
         with torch.inference_mode():
             a, b = reference(x), fast(x)
         assert b.reconstruction.dtype == torch.float32 and b.reconstruction.shape == a.reconstruction.shape

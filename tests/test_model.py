@@ -51,11 +51,11 @@ def test_registry_lists_models():
 
 
 @pytest.mark.parametrize("size", [(256, 256), (512, 384), (320, 448), (64, 96)])
-def test_encode_decode_shapes(tiny_model, size):
+def test_encode_decode_shapes(tiny_model_on, device, size):
     h, w = size
-    x = torch.rand(2, 3, h, w) * 2 - 1
+    x = (torch.rand(2, 3, h, w) * 2 - 1).to(device)
     with torch.no_grad():
-        out = tiny_model(x)
+        out = tiny_model_on(x)
     enc = out.encoding
     hs, ws = semantic_grid_size(h, w)
     assert enc.semantic_indices.shape == (2, hs, ws) and enc.semantic_indices.dtype == torch.int64
@@ -65,15 +65,16 @@ def test_encode_decode_shapes(tiny_model, size):
     assert out.reconstruction.shape == (2, 3, h, w)
     assert out.semantic_reconstruction.shape == (2, 96, hs, ws)
     assert enc.semantic_loss.ndim == 0 and enc.pixel_loss.ndim == 0
-    assert tiny_model.grid_sizes(h, w) == ((hs, ws), (h // 16, w // 16))
+    assert tiny_model_on.grid_sizes(h, w) == ((hs, ws), (h // 16, w // 16))
+    assert out.reconstruction.device.type == device.type and enc.pixel_indices.device.type == device.type
 
 
-def test_decode_indices_equals_decode_of_codes(tiny_model):
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
+def test_decode_indices_equals_decode_of_codes(tiny_model_on, device):
+    x = (torch.rand(1, 3, 64, 64) * 2 - 1).to(device)
     with torch.no_grad():
-        enc = tiny_model.encode(x)
-        a = tiny_model.decode(enc.semantic_codes, enc.pixel_codes)
-        b = tiny_model.decode_indices(enc.semantic_indices, enc.pixel_indices)
+        enc = tiny_model_on.encode(x)
+        a = tiny_model_on.decode(enc.semantic_codes, enc.pixel_codes)
+        b = tiny_model_on.decode_indices(enc.semantic_indices, enc.pixel_indices)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
