@@ -81,7 +81,7 @@ def run(device: torch.device, sizes: list[int], batches: list[int], budget: int,
         prepared = prepare_codebook(codebook)
         for n in batches:
             x = (torch.randn(n, 32) * 32**-0.5).to(device)
-            fns = {plan: (lambda plan=plan, x=x: nearest_code(x, codebook, budget, prepared, plan=plan))
+            fns = {plan: (lambda plan=plan, x=x, c=codebook, p=prepared: nearest_code(x, c, budget, p, plan=plan))
                    for plan in PLANS}
             found = {plan: fn().indices for plan, fn in fns.items()}
             plans_equal = all(torch.equal(found[p], found[PLANS[0]]) for p in PLANS)
@@ -89,8 +89,8 @@ def run(device: torch.device, sizes: list[int], batches: list[int], budget: int,
             peaks = {plan: peak_bytes(fn, device) for plan, fn in fns.items()}
             row: list[object] = [f"{n:,}", f"{k:,}"]
             if not skip_cdist:
-                def reference(x=x):
-                    return torch.cdist(x, codebook).argmin(1)
+                def reference(x=x, c=codebook):
+                    return torch.cdist(x, c).argmin(1)
 
                 expected = reference()
                 agree = (found[PLANS[0]] == expected).float().mean().item()
