@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_codes, check_images, check_index_grids
 from .blocks.movq import MoVQDecoder, MoVQEncoder
 from .configuration import DualViTokConfig, MoVQConfig, QuantizerConfig
 from .hub import HubMixin
 from .outputs import DualViTokEncoding, DualViTokOutput
 from .quantizers import Quantizer, build_quantizer, inject_token_noise
 from .semantic import SemanticDecoder, SemanticEncoder, SemanticPreprocessor, semantic_grid_size
+from .validation import check_codes, check_images, check_index_grids
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class DualViTok(HubMixin, nn.Module):
     def check_images(self, images: Tensor) -> None:
         """Raise a clear error unless ``images`` is a float ``[B, 3, H, W]`` batch in [-1, 1], H, W multiples of 16.
 
-        See :mod:`dualvitok._checks`: the value checks run in eager mode only and can be switched off.
+        See :mod:`dualvitok.validation`: the value checks run in eager mode only and can be switched off.
         """
         check_images(images, self.downsample_factor)
 

@@ -62,18 +62,24 @@ class TimmVisionTower(nn.Module):
         self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
 
-    def images_from_patches(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
-        """Undo the Qwen2-VL patch layout: ``[B*gh*gw, 3*T*P*P]`` -> CLIP-normalised images ``[B, 3, gh*P, gw*P]``."""
-        grids = grid_thw.tolist()
-        if any(g != grids[0] for g in grids):
-            raise ValueError(f"all images of a batch must share one grid, got {grids}")
-        b, (_, gh, gw) = len(grids), grids[0]
-        p, t, m = self.patch_size, self.temporal_patch_size, self.merge_size
-        x = pixel_values.reshape(b, gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, :, 0]  # first frame
-        x = x.permute(0, 5, 1, 3, 6, 2, 4, 7)  # [B, 3, gh/m, m, P, gw/m, m, P]
-        return x.reshape(b, 3, gh * p, gw * p)
+    def images_from_patches(self, pixel_values: Tensor, grid_thw: Tensor | tuple[int, int, int]) -> Tensor:
+        """Undo the Qwen2-VL patch layout: ``[B*gh*gw, 3*T*P*P]`` -> CLIP-normalised images ``[B, 3, gh*P, gw*P]``.
 
-    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        ``grid_thw``: the ``[B, 3]`` tensor, or one ``(t, h, w)`` tuple shared by all images (no host read).
+        """
+        if torch.is_tensor(grid_thw):
+            grids = grid_thw.tolist()
+            if any(g != grids[0] for g in grids):
+                raise ValueError(f"all images of a batch must share one grid, got {grids}")
+            _, gh, gw = grids[0]
+        else:
+            _, gh, gw = (int(v) for v in grid_thw)
+        p, t, m = self.patch_size, self.temporal_patch_size, self.merge_size
+        x = pixel_values.reshape(-1, gh // m, gw // m, m, m, 3, t, p, p)[:, :, :, :, :, :, 0]  # first frame
+        x = x.permute(0, 5, 1, 3, 6, 2, 4, 7)  # [B, 3, gh/m, m, P, gw/m, m, P]
+        return x.reshape(-1, 3, gh * p, gw * p)
+
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor | tuple[int, int, int]) -> Tensor:
         images = self.images_from_patches(pixel_values, grid_thw)
         b, _, height, width = images.shape
         x = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)

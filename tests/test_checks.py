@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualvitok._checks import check_images, check_indices, set_value_checks, value_checks, value_checks_enabled
 from dualvitok.quantizers import SimVQ, VectorQuantizer
+from dualvitok.validation import check_images, check_indices, set_value_checks, value_checks, value_checks_enabled
 
 
 def _long(*shape):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import require
+from .validation import require
 from .weights import FID_INCEPTION, load_state_dict, resolve_weights
 
 FEATURE_DIM = 2048

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_indices, is_tracing
+from ..validation import check_indices, is_tracing
 from .usage import CodebookUsage
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -248,7 +248,7 @@ class Quantizer(nn.Module):
     def check_indices(self, indices: Tensor) -> None:
         """Raise a clear error for indices of the wrong dtype or out of ``[0, codebook_size)``.
 
-        The range check runs in eager mode only (one host synchronisation); see :mod:`dualvitok._checks`.
+        The range check runs in eager mode only (one host synchronisation); see :mod:`dualvitok.validation`.
         """
         check_indices(indices, self.codebook_size)
 

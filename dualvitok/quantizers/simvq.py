@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import is_tracing
+from ..validation import is_tracing
 from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, SearchPlan, nearest_code, prepare_codebook
 from .rotation import rotate_to
 

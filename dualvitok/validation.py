@@ -1,4 +1,4 @@
-"""Input checks of the index paths: clear messages in eager mode, nothing data-dependent while compiling.
+"""Input validation of the index paths: clear messages in eager mode, nothing data-dependent while compiling.
 
 Two kinds of checks:
 
