@@ -132,10 +132,7 @@ def test_inductor_compiled_index_paths_equal_eager(model, images):
         torch.testing.assert_close(enc.semantic_codes, expected.semantic_codes, atol=1e-5, rtol=0)
         reference = model.decode_indices(expected.semantic_indices, expected.pixel_indices)
         got = torch.compile(model.decode_indices, fullgraph=True)(expected.semantic_indices, expected.pixel_indices)
-        torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)
-        got = torch.compile(model.decode, fullgraph=True)(expected.semantic_codes, expected.pixel_codes)
-        torch.testing.assert_close(got, model.decode(expected.semantic_codes, expected.pixel_codes), atol=1e-4,
-                                   rtol=0)
+        torch.testing.assert_close(got, reference, atol=1e-4, rtol=0)  # decode_indices = lookup + decode
 
 
 @pytest.mark.slow
@@ -145,12 +142,13 @@ def test_export_index_paths_equal_eager(model, images, dynamic):
     with torch.no_grad():
         enc = model.encode(images)
         ds = {"images": {0: batch}} if dynamic else None
-        encoder = torch.export.export(EncodeIndices(model), (images,), dynamic_shapes=ds).module()
+        encoder = torch.export.export(EncodeIndices(model).eval(), (images,), dynamic_shapes=ds).module()
         ds = {"semantic_indices": {0: batch}, "pixel_indices": {0: batch}} if dynamic else None
-        decoder = torch.export.export(DecodeIndices(model), (enc.semantic_indices, enc.pixel_indices),
+        decoder = torch.export.export(DecodeIndices(model).eval(), (enc.semantic_indices, enc.pixel_indices),
                                       dynamic_shapes=ds).module()
         ds = {"semantic_codes": {0: batch}, "pixel_codes": {0: batch}} if dynamic else None
-        decode = torch.export.export(Decode(model), (enc.semantic_codes, enc.pixel_codes), dynamic_shapes=ds).module()
+        decode = torch.export.export(Decode(model).eval(), (enc.semantic_codes, enc.pixel_codes),
+                                     dynamic_shapes=ds).module()
         inputs = [images, torch.rand(3, 3, 64, 64) * 2 - 1] if dynamic else [images]
         for x in inputs:
             expected = model.encode(x)
@@ -172,7 +170,7 @@ def test_onnx_export_of_the_decoder_from_indices(model, images, tmp_path):
     with torch.no_grad():
         enc = model.encode(images[:1])
         expected = model.decode_indices(enc.semantic_indices, enc.pixel_indices)
-        program = torch.onnx.export(DecodeIndices(model), (enc.semantic_indices, enc.pixel_indices), dynamo=True,
+        program = torch.onnx.export(DecodeIndices(model).eval(), (enc.semantic_indices, enc.pixel_indices), dynamo=True,
                                     input_names=["semantic_indices", "pixel_indices"], output_names=["images"])
     path = tmp_path / "decoder.onnx"
     program.save(str(path))
