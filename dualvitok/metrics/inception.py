@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import require
+from ._checks import require
 from .weights import FID_INCEPTION, load_state_dict, resolve_weights
 
 FEATURE_DIM = 2048

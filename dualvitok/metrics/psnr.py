@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validation import check_pair
+from ._checks import check_pair
 
 
 def psnr(pred: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:

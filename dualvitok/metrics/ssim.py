@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .validation import check_pair
+from ._checks import check_pair
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
