@@ -48,6 +48,7 @@ def timed(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
 
 def peak_bytes(fn, device: torch.device) -> int:
     """Peak temporary memory of one call of ``fn`` (RSS on CPU, allocator peak on CUDA)."""
+    fn()  # warm: the allocator's first-call growth is not the call's working memory
     gc.collect()
     if device.type == "cuda":
         _sync(device)
@@ -85,8 +86,8 @@ def run(device: torch.device, sizes: list[int], batches: list[int], budget: int,
                    for plan in PLANS}
             found = {plan: fn().indices for plan, fn in fns.items()}
             plans_equal = all(torch.equal(found[p], found[PLANS[0]]) for p in PLANS)
+            peaks = {plan: peak_bytes(fn, device) for plan, fn in fns.items()}  # each plan warmed just before
             times = {plan: timed(fn, device, repeats) for plan, fn in fns.items()}
-            peaks = {plan: peak_bytes(fn, device) for plan, fn in fns.items()}
             row: list[object] = [f"{n:,}", f"{k:,}"]
             if not skip_cdist:
                 def reference(x=x, c=codebook):
