@@ -195,17 +195,20 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         else:
             plan.stage_dtypes[stage.name] = "float32"
             plan.kept_float32[stage.name] = reason
-        layout = channels_last and stage.convolutional
+        # exact_indices: the index-deciding float32 stages keep the float32 path's layout too (channels_last picks
+        # other convolution kernels, whose float32 sums differ in the last bits and can flip a near-tie index)
+        layout = channels_last and stage.convolutional and not (stage.decides_indices and exact_indices)
+        if layout:
+            for module in stage.modules:
+                for conv in module.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         if stage_dtype is not None or layout:
             stage.entry.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=stage_dtype,
                                                                     channels_last=layout))
         if stage_dtype is not None:
             stage.exit.register_forward_hook(_to_float32)
     swap_inference_blocks(model, fuse_conv=plan.fuse_conv)  # replaced parts reach the branches (DualViTok.__setattr__)
-    if channels_last:
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
