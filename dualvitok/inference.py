@@ -12,8 +12,9 @@ key:
   ``exact_indices`` (default) the trainable encoders in front of the quantizers (pixel encoder + ``pixel_quant_conv``,
   semantic head) stay float32, so pixel indices equal the float32 path's and semantic indices differ only where the
   bf16 tower moves a feature across a near tie. The quantizers always search in float32.
-* **Casts between stages** are forward hooks installed here on each stage's entry and exit: inputs are cast to the
-  stage's dtype (and 4D inputs of convolutional stages to channels_last), outputs back to float32. So
+* **Casts between stages** are forward hooks of this module (:func:`install_stage_casts`, installed by
+  ``DualViTok.__init__``) on each stage's entry and exit: inputs are cast to the stage's weight dtype, outputs back
+  to float32; the fast path adds channels_last for the inputs of its convolutional stages. So
   ``DualViTok.encode``/``decode`` contain no dtype or layout code, and every output is float32.
 
 **Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions (as measured on an Intel Xeon with
@@ -38,7 +39,6 @@ path and the fast path side by side, with the quality guard (bf16 vs float32 rec
 
 from __future__ import annotations
 
-import functools
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -145,12 +145,33 @@ def _cast(t, dtype: torch.dtype | None, channels_last: bool):
     return t
 
 
-def _cast_inputs(module: nn.Module, args: tuple, dtype: torch.dtype | None, channels_last: bool) -> tuple:
-    return tuple(_cast(a, dtype, channels_last) for a in args)
+def _to_stage_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: floating inputs to the dtype of the stage's weights (a no-op for a float32 stage)."""
+    dtype = next(module.parameters()).dtype
+    return tuple(_cast(a, dtype, False) for a in args)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the fast path's convolutional stages: 4D floating inputs to channels_last."""
+    return tuple(_cast(a, None, True) for a in args)
 
 
 def _to_float32(module: nn.Module, args: tuple, output):
+    """Forward hook: a floating output back to float32 (a no-op for a float32 stage)."""
     return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+
+def install_stage_casts(model: nn.Module) -> None:
+    """Give each stage of a :class:`~dualvitok.DualViTok` its casts: inputs to the stage's weight dtype on the way
+    in, outputs to float32 on the way out (forward hooks; no state-dict change).
+
+    Called once by ``DualViTok.__init__``, so a model whose stages have other dtypes (the fast path's bf16 stages, or
+    ``from_pretrained(..., dtype=torch.bfloat16)`` / ``model.to(torch.bfloat16)``) still takes float32 images and
+    returns float32 outputs, and ``encode``/``decode`` hold no dtype code. In float32 the casts are no-ops.
+    """
+    for stage in _stages(model):
+        stage.entry.register_forward_pre_hook(_to_stage_dtype)
+        stage.exit.register_forward_hook(_to_float32)
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
@@ -186,9 +207,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             reason = "exact_indices=True"
         else:
             reason = low_precision_reason(stage.width, device_type, dtype)
-        stage_dtype = None
         if reason is None:
-            stage_dtype = dtype
             for module in stage.modules:
                 module.to(dtype)
             plan.stage_dtypes[stage.name] = str(dtype).removeprefix("torch.")
@@ -203,11 +222,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                 for conv in module.modules():
                     if isinstance(conv, nn.Conv2d):
                         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
-        if stage_dtype is not None or layout:
-            stage.entry.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=stage_dtype,
-                                                                    channels_last=layout))
-        if stage_dtype is not None:
-            stage.exit.register_forward_hook(_to_float32)
+            stage.entry.register_forward_pre_hook(_to_channels_last)  # after the dtype cast of install_stage_casts
     swap_inference_blocks(model, fuse_conv=plan.fuse_conv)  # replaced parts reach the branches (DualViTok.__setattr__)
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .configuration import DualViTokConfig
 from .hub import HubMixin
+from .inference import install_stage_casts
 from .outputs import DualViTokEncoding, DualViTokOutput
 from .pixel import PIXEL_DECODER_PARTS, PIXEL_ENCODER_PARTS, PixelDecoder, PixelEncoder, quantizer_from_config
 from .quantizers import inject_token_noise
@@ -63,6 +64,7 @@ class DualViTok(HubMixin, nn.Module):
         self.downsample_factor = config.pixel_downsample_factor
         self.inference_plan = None  # set by optimize_for_inference (dualvitok.inference.InferencePlan)
         self.init_weights()
+        install_stage_casts(self)  # stages in another dtype take and give float32 (forward hooks, no-ops in float32)
 
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -144,7 +146,7 @@ class DualViTok(HubMixin, nn.Module):
     def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                                exact_indices: bool = True, *, device: str | torch.device | None = None,
                                compile: bool = False) -> DualViTok:
-        """Opt-in fast path (inference modules swapped in, bf16 stages, channels_last); see :mod:`dualvitok.inference`."""
+        """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`."""
         from .inference import optimize_for_inference
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices, device=device, compile=compile)

@@ -1,4 +1,4 @@
-"""Fused inference kernels (conv + residual in one oneDNN call, in-place epilogues) and the blocks' inference variants."""
+"""Fused inference kernels (conv + residual in one oneDNN call, in-place epilogues) and the blocks' variants."""
 
 from __future__ import annotations
 
