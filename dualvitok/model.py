@@ -42,6 +42,12 @@ class DualViTok(HubMixin, nn.Module):
 
     Images are float ``[B, 3, H, W]`` in [-1, 1] with H and W multiples of 16, all of one size per batch.
     Build with :func:`dualvitok.create_model`, load with :meth:`from_pretrained` or :meth:`from_reference`.
+
+    The branches: ``semantic_encoder`` (:class:`~dualvitok.semantic.SemanticEncoder`) with ``semantic_quantizer`` and
+    ``semantic_decoder``; ``pixel_encoder_branch`` (:class:`~dualvitok.pixel.PixelEncoder`) and
+    ``pixel_decoder_branch`` (:class:`~dualvitok.pixel.PixelDecoder`), whose parts are registered here under the
+    checkpoint's names (``pixel_encoder``, ``pixel_quant_conv``, ``pixel_quantizer``, ``pixel_post_quant_conv``,
+    ``pixel_decoder``); assigning one of those attributes updates the branch too.
     """
 
     def __init__(self, config: DualViTokConfig | None = None):

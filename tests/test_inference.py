@@ -44,12 +44,12 @@ def test_weights_and_layouts(models):
     assert not any(p.requires_grad for p in fast.parameters())
 
 
-def test_quality_guard_on_real_photos(models, sample_image_paths):
-    reference, fast = models
+def _quality_guard(reference, fast, paths, device: str = "cpu", exact_pixels: bool = True) -> None:
+    """Fast vs float32 on real photos: mean PSNR >= 40 dB, >= 99% equal indices (pixel indices all equal)."""
     processor = ImageProcessor(size=(256, 256))
     psnrs, equal, total, pixel_equal, pixel_total = [], 0, 0, 0, 0
-    for path in sample_image_paths:
-        x = processor(path)
+    for path in paths:
+        x = processor(path).to(device)
         with torch.inference_mode():
             a, b = reference(x), fast(x)
         assert b.reconstruction.dtype == torch.float32 and b.reconstruction.shape == a.reconstruction.shape
@@ -63,7 +63,30 @@ def test_quality_guard_on_real_photos(models, sample_image_paths):
         pixel_total += a.encoding.pixel_indices.numel()
     assert sum(psnrs) / len(psnrs) >= 40.0, psnrs
     assert equal / total >= 0.99
-    assert pixel_equal == pixel_total  # the pixel encoder stays float32: identical pixel tokens
+    if exact_pixels:
+        assert pixel_equal == pixel_total  # the pixel encoder stays float32: identical pixel tokens
+    else:
+        assert pixel_equal / pixel_total >= 0.99
+
+
+def test_quality_guard_on_real_photos(models, sample_image_paths):
+    _quality_guard(*models, sample_image_paths)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quality_guard_on_cuda(reference_model, sample_image_paths):
+    """The CUDA plan (bf16, channels_last, SDPA, plain operators) holds the same guard (TF32 off for the reference)."""
+    reference = copy.deepcopy(reference_model).cuda()
+    fast = copy.deepcopy(reference_model).cuda().optimize_for_inference()
+    assert fast.inference_plan.device_type == "cuda" and not fast.inference_plan.fuse_conv
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            # float32 convolution kernels differ between devices in the last bits: near-tie pixel indices may flip
+            _quality_guard(reference, fast, sample_image_paths, "cuda", exact_pixels=False)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 def test_fast_path_without_exact_indices_runs(reference_model):
