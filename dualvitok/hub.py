@@ -145,8 +145,14 @@ class HubMixin:
             evaluation: metrics to list in the card (e.g. ``{"PSNR": 24.1, "rFID": 1.2}``); default: the model's
                 ``evaluation_results`` attribute, if set.
             license: the card's license (SPDX id as the Hub spells it).
+
+        Refuses (``RuntimeError``) a model whose weights :func:`~dualvitok.inference.optimize_for_inference` rounded.
         """
         from huggingface_hub import save_torch_state_dict
+
+        refusal = getattr(self, "_save_refusal", None)  # set by dualvitok.inference.optimize_for_inference
+        if refusal:
+            raise RuntimeError(f"cannot save_pretrained: {refusal}")
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,58 +1,244 @@
-"""Opt-in fast inference: bfloat16 stages with channels_last convolutions, float32 where indices are decided.
+"""Opt-in fast inference: inference modules swapped in, bf16 stages, channels_last, float32 where indices are decided.
 
-On CPUs with AMX-BF16 (and on GPUs) bfloat16 matrix and convolution kernels are several times faster than float32
-(here: 2,130 vs 337 GFLOP/s for a 2048^2 GEMM). :func:`optimize_for_inference` converts, once and in place, the
-stages that do most of the work to bfloat16 *natively* (weights and norms, no autocast, so no float32 round trips of
-large activations between layers):
+:func:`optimize_for_inference` prepares a :class:`~dualvitok.DualViTok` once, in place, for inference only. The
+float32 modules stay the reference; this layer changes the model in three ways, all without changing a state-dict
+key:
 
-* the frozen Qwen2-VL vision tower (its RoPE is still applied in float32),
-* the pixel decoder with ``pixel_post_quant_conv``, and the semantic decoder.
+* **Inference variants of the blocks** (:mod:`dualvitok.blocks.inference`) replace the public MoVQ blocks: residual
+  additions fused into the preceding convolution, in-place epilogues on temporaries. On CPU the fused addition is a
+  oneDNN post-op (:mod:`dualvitok.blocks.fused`); other devices' plans never use that operator.
+* **Stages in bf16**: the frozen Qwen2-VL vision tower (its RoPE still in float32), the semantic decoder and the pixel
+  decoder with ``pixel_post_quant_conv`` are converted natively (weights and norms, no autocast). With
+  ``exact_indices`` (default) the trainable encoders in front of the quantizers (pixel encoder + ``pixel_quant_conv``,
+  semantic head) stay float32, so pixel indices equal the float32 path's and semantic indices differ only where the
+  bf16 tower moves a feature across a near tie. The quantizers always search in float32.
+* **Casts between stages** are forward hooks of this module (:func:`install_stage_casts`, installed by
+  ``DualViTok.__init__``) on each stage's entry and exit: inputs are cast to the stage's weight dtype, outputs back
+  to float32; the fast path adds channels_last for the inputs of its convolutional stages. So
+  ``DualViTok.encode``/``decode`` contain no dtype or layout code, and every output is float32.
 
-The convolutional blocks switch to their inference kernels (:mod:`dualvitok.blocks.fused`): residual additions
-fused into the preceding convolution as a oneDNN post-op, and in-place epilogues on temporaries, which removes most
-of the full-resolution element-wise passes and freshly allocated outputs of the decoder.
+**Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions (as measured on an Intel Xeon with
+AMX-BF16: see the README). On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain
+operators (never the oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the
+model already uses it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also
+compiled with ``torch.compile``. No plan changes process-wide settings (the glibc tuning of
+:func:`dualvitok.devices.keep_freed_cpu_memory` is a separate, CPU-only opt-in).
 
-With ``exact_indices`` (default) the trainable encoders in front of the quantizers (the pixel encoder with
-``pixel_quant_conv``, and the semantic head) stay float32, so pixel indices equal the float32 path's and semantic
-indices differ only where the bf16 tower moves a feature across a near tie. The quantizers always search in float32
-with their cached codebook. 2D convolution weights and activations use channels_last. Outputs are float32.
-The float32 path stays the reference: ``benchmarks/bench_tokenizer.py`` measures both side by side, with the quality
-guard (bf16 vs float32 reconstructions and indices on real photos).
+**Never slower than float32.** bf16 pays only where the CPU has native bf16 matrix instructions and the stage is
+wide enough to use them. The rule (:func:`low_precision_reason`, checked per stage at preparation time, no
+measurement): on CPUs with AMX every stage may run in bf16 (the demo model, base width 32, is ~2x faster so); on
+x86 CPUs without AVX-512-BF16 or AMX bf16 is emulated and every stage stays float32; on other CPUs (AVX-512-BF16
+without AMX, e.g. AMD EPYC, and non-x86) a stage runs in bf16 only if its base channel width is at least
+:data:`MIN_BF16_WIDTH` (128): there the demo model (widths 32 and 64) ran 0.79x of float32 on the fast path while the
+released architecture (pixel decoder 384, tower 1280) ran 2.6x. Each stage left in float32 is logged with its reason.
+
+After this call the model can no longer be trained, and ``save_pretrained`` refuses it when a stage was converted
+(the weights are rounded): save before optimizing, or reload. ``benchmarks/bench_tokenizer.py`` measures the float32
+path and the fast path side by side, with the quality guard (bf16 vs float32 reconstructions and indices).
 """
 
 from __future__ import annotations
 
+import logging
+import platform
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
+from .blocks.inference import swap_inference_blocks
+
+logger = logging.getLogger(__name__)
+
+MIN_BF16_WIDTH = 128
+"""On CPUs without AMX, a stage whose base channel width is below this stays float32 (see the module docstring)."""
+
+
+@dataclass
+class InferencePlan:
+    """What :func:`optimize_for_inference` did to a model (kept as ``model.inference_plan``).
+
+    Attributes:
+        device_type: the plan's device kind (``"cpu"``, ``"cuda"``, ...).
+        stage_dtypes: stage name -> dtype it computes in (``"bfloat16"``, ``"float32"``).
+        kept_float32: stage name -> why it stays float32.
+        channels_last: 2D convolutions and their inputs in channels_last.
+        fuse_conv: the oneDNN convolution + addition operator is used (CPU plan only).
+        compiled: the stages were compiled with ``torch.compile``.
+    """
+
+    device_type: str
+    stage_dtypes: dict[str, str] = field(default_factory=dict)
+    kept_float32: dict[str, str] = field(default_factory=dict)
+    channels_last: bool = True
+    fuse_conv: bool = True
+    compiled: bool = False
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether any stage's weights were converted from float32."""
+        return any(d != "float32" for d in self.stage_dtypes.values())
+
+
+@dataclass
+class _Stage:
+    name: str
+    modules: list[nn.Module]  # converted to the stage dtype
+    entry: nn.Module  # inputs cast to the stage dtype (and channels_last) on the way in
+    exit: nn.Module  # outputs cast to float32 on the way out
+    width: int  # base channel width, for the "never slower than float32" rule
+    convolutional: bool
+    decides_indices: bool  # kept float32 with exact_indices
+
+
+def _stages(model) -> list[_Stage]:
+    cfg, se = model.config, model.semantic_encoder
+    tower = cfg.semantic_encoder.semantic_encoder_config
+    return [
+        _Stage("vision tower", [se.model], se.model, se.model, tower.embed_dim, False, False),
+        _Stage("semantic head", [se.proj_in, se.blocks, se.proj_out], se.proj_in, se.proj_out,
+               cfg.semantic_encoder.embed_dim, False, True),
+        _Stage("pixel encoder", [model.pixel_encoder, model.pixel_quant_conv], model.pixel_encoder,
+               model.pixel_quant_conv, cfg.pixel_encoder.ch, True, True),
+        _Stage("semantic decoder", [model.semantic_decoder], model.semantic_decoder, model.semantic_decoder,
+               cfg.semantic_decoder.embed_dim, False, False),
+        _Stage("pixel decoder", [model.pixel_post_quant_conv, model.pixel_decoder], model.pixel_decoder_branch,
+               model.pixel_decoder_branch, cfg.pixel_decoder.ch, True, False),
+    ]
+
+
+def cpu_bf16_support() -> str:
+    """This CPU's bf16 matrix support: ``"amx"``, ``"avx512_bf16"``, ``"none"`` (x86 without either: emulated) or
+    ``"unknown"`` (not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return "unknown"
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return "none"
+
+
+def low_precision_reason(width: int, device_type: str, dtype: torch.dtype) -> str | None:
+    """``None`` if a stage of base channel width ``width`` should run in ``dtype`` on ``device_type``, else why it
+    stays float32 (the rule of the module docstring)."""
+    if device_type != "cpu":
+        return None
+    support = cpu_bf16_support()
+    if support == "amx":
+        return None
+    if support == "none":
+        return f"this CPU has no AVX-512-BF16 or AMX: {dtype} is emulated and slower than float32"
+    if width < MIN_BF16_WIDTH:
+        return (f"base width {width} < {MIN_BF16_WIDTH}: on CPUs without AMX {dtype} kernels are slower than "
+                "float32 at this width")
+    return None
+
+
+def _cast(t, dtype: torch.dtype | None, channels_last: bool):
+    if not torch.is_tensor(t) or not t.is_floating_point():
+        return t
+    if dtype is not None:
+        t = t.to(dtype)
+    if channels_last and t.ndim == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _to_stage_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: floating inputs to the dtype of the stage's weights (a no-op for a float32 stage)."""
+    dtype = next(module.parameters()).dtype
+    return tuple(_cast(a, dtype, False) for a in args)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the fast path's convolutional stages: 4D floating inputs to channels_last."""
+    return tuple(_cast(a, None, True) for a in args)
+
+
+def _to_float32(module: nn.Module, args: tuple, output):
+    """Forward hook: a floating output back to float32 (a no-op for a float32 stage)."""
+    return output.float() if torch.is_tensor(output) and output.is_floating_point() else output
+
+
+def install_stage_casts(model: nn.Module) -> None:
+    """Give each stage of a :class:`~dualvitok.DualViTok` its casts: inputs to the stage's weight dtype on the way
+    in, outputs to float32 on the way out (forward hooks; no state-dict change).
+
+    Called once by ``DualViTok.__init__``, so a model whose stages have other dtypes (the fast path's bf16 stages, or
+    ``from_pretrained(..., dtype=torch.bfloat16)`` / ``model.to(torch.bfloat16)``) still takes float32 images and
+    returns float32 outputs, and ``encode``/``decode`` hold no dtype code. In float32 the casts are no-ops.
+    """
+    for stage in _stages(model):
+        stage.entry.register_forward_pre_hook(_to_stage_dtype)
+        stage.exit.register_forward_hook(_to_float32)
+
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
-                           exact_indices: bool = True):
+                           exact_indices: bool = True, *, device: str | torch.device | None = None,
+                           compile: bool = False):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
         model: the tokenizer.
         dtype: compute dtype of the converted stages (``torch.bfloat16``; ``torch.float16`` on GPU) or ``None``
-            to keep float32 (channels_last only).
+            to keep float32 (inference modules and channels_last only).
         channels_last: store 2D convolution weights (and inputs) in channels_last layout.
         exact_indices: keep the pixel encoder and the semantic head in float32 (about 5% of the float32 work at
             256x256); ``False`` converts them too (faster, but some indices then differ from the float32 path).
+        device: the device plan to use (``"cpu"``, ``"cuda"``, ...); default: the device of the model's weights.
+        compile: also compile the stages with ``torch.compile`` (meant for CUDA; the first calls then compile).
 
-    The model can no longer be trained in this state; reload it for training.
+    The plan taken is kept as ``model.inference_plan`` (:class:`InferencePlan`). Calling this twice does nothing
+    the second time. The model can no longer be trained in this state; reload it for training.
     """
+    if getattr(model, "inference_plan", None) is not None:
+        logger.info("optimize_for_inference: the model is already prepared (%s plan); nothing to do",
+                    model.inference_plan.device_type)
+        return model
+    device_type = torch.device(device).type if device is not None else next(model.parameters()).device.type
+    plan = InferencePlan(device_type, channels_last=channels_last, fuse_conv=device_type == "cpu" and not compile,
+                         compiled=compile)
     model.eval().requires_grad_(False)
-    if dtype is not None:
-        stages: list[nn.Module] = [model.semantic_encoder.model, model.semantic_decoder, model.pixel_decoder,
-                                   model.pixel_post_quant_conv]
-        if not exact_indices:
-            se = model.semantic_encoder
-            stages += [model.pixel_encoder, model.pixel_quant_conv, se.proj_in, se.blocks, se.proj_out]
-        for stage in stages:
-            stage.to(dtype)
-    for module in model.modules():
-        if hasattr(module, "fused_inference"):  # fused conv + residual kernels, in-place epilogues (blocks.fused)
-            module.fused_inference = True
-        if channels_last and isinstance(module, nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-    model.channels_last = channels_last
+    for stage in _stages(model):
+        if dtype is None or dtype == torch.float32:
+            reason = "dtype=None" if dtype is None else "dtype=float32"
+        elif stage.decides_indices and exact_indices:
+            reason = "exact_indices=True"
+        else:
+            reason = low_precision_reason(stage.width, device_type, dtype)
+        if reason is None:
+            for module in stage.modules:
+                module.to(dtype)
+            plan.stage_dtypes[stage.name] = str(dtype).removeprefix("torch.")
+        else:
+            plan.stage_dtypes[stage.name] = "float32"
+            plan.kept_float32[stage.name] = reason
+        # exact_indices: the index-deciding float32 stages keep the float32 path's layout too (channels_last picks
+        # other convolution kernels, whose float32 sums differ in the last bits and can flip a near-tie index)
+        layout = channels_last and stage.convolutional and not (stage.decides_indices and exact_indices)
+        if layout:
+            for module in stage.modules:
+                for conv in module.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+            stage.entry.register_forward_pre_hook(_to_channels_last)  # after the dtype cast of install_stage_casts
+    swap_inference_blocks(model, fuse_conv=plan.fuse_conv)  # replaced parts reach the branches (DualViTok.__setattr__)
+    if compile:
+        for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
+                       model.pixel_decoder_branch):
+            module.compile()
+    model.inference_plan = plan
+    if plan.low_precision:
+        model._save_refusal = (
+            "this model was prepared with optimize_for_inference(): its "
+            + ", ".join(n for n, d in plan.stage_dtypes.items() if d != "float32")
+            + " weights are rounded to low precision. Save the model before calling optimize_for_inference(), or "
+            "reload it (from_pretrained) and save that")
+    converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
+    logger.info("optimize_for_inference (%s plan%s): %s; float32: %s", device_type,
+                f", CPU bf16 support: {cpu_bf16_support()}" if device_type == "cpu" else "",
+                ", ".join(converted) or "no stage converted",
+                "; ".join(f"{n} ({r})" for n, r in plan.kept_float32.items()) or "none")
     return model
+

@@ -1,51 +1,37 @@
 """DualViTok: the dual semantic + pixel image tokenizer of ILLUME+ (arXiv 2504.01934), built from this library's parts.
 
-Composition follows the reference ``DualViTok`` (``vision_tokenizer/tokenizer/dualvitok_model.py``): the semantic
-branch (frozen Qwen2-VL tower, head, SimVQ, semantic decoder) sees a resized, CLIP-normalised copy of the image; the
-pixel branch (MoVQ encoder with DC blocks, ``pixel_quant_conv``, SimVQ) sees the image at native size. The decoder
-input is ``[bicubic(semantic codes -> pixel grid); pixel codes]`` (semantic first), passed through
-``pixel_post_quant_conv`` and also used as the spatial-norm condition. Module names equal the reference's, so the
-released checkpoint loads after :func:`dualvitok.convert.convert_reference_state_dict`.
+Composition follows the reference ``DualViTok`` (``vision_tokenizer/tokenizer/dualvitok_model.py`` in
+``illume-unified-mllm/ILLUME_plus``): the semantic branch (:mod:`dualvitok.semantic`: frozen Qwen2-VL tower, head,
+SimVQ, semantic decoder) sees a resized, CLIP-normalised copy of the image; the pixel branch (:mod:`dualvitok.pixel`:
+MoVQ encoder with DC blocks, ``pixel_quant_conv``, SimVQ) sees the image at native size. The decoder input is
+``[bicubic(semantic codes -> pixel grid); pixel codes]`` (semantic first), passed through ``pixel_post_quant_conv``
+and also used as the spatial-norm condition. Module names equal the reference's, so the released checkpoint loads
+after :func:`dualvitok.convert.convert_reference_state_dict`. The float32 path here is the reference; the fast path
+(:mod:`dualvitok.inference`) swaps inference modules in and owns every dtype/layout cast between stages.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks.movq import MoVQDecoder, MoVQEncoder
-from .configuration import DualViTokConfig, MoVQConfig, QuantizerConfig
+from .configuration import DualViTokConfig
 from .hub import HubMixin
+from .inference import install_stage_casts
 from .outputs import DualViTokEncoding, DualViTokOutput
-from .quantizers import Quantizer, build_quantizer, inject_token_noise
+from .pixel import PIXEL_DECODER_PARTS, PIXEL_ENCODER_PARTS, PixelDecoder, PixelEncoder, quantizer_from_config
+from .quantizers import inject_token_noise
 from .semantic import SemanticDecoder, SemanticEncoder, SemanticPreprocessor, semantic_grid_size
 from .validation import check_codes, check_images, check_index_grids
 
 logger = logging.getLogger(__name__)
 
-
-def _build_quantizer(cfg: QuantizerConfig) -> Quantizer:
-    kwargs: dict[str, Any] = {"dim": cfg.dim, "codebook_size": cfg.codebook_size, "channel_first": cfg.channel_first}
-    if cfg.type == "SimVQ":
-        kwargs["rotation_trick"] = cfg.rotation_trick
-    return build_quantizer(cfg.type, **kwargs)
-
-
-def _movq_kwargs(cfg: MoVQConfig) -> dict[str, Any]:
-    return {
-        "ch": cfg.ch,
-        "ch_mult": tuple(cfg.ch_mult),
-        "num_res_blocks": cfg.num_res_blocks,
-        "attn_resolutions": tuple(cfg.attn_resolutions),
-        "z_channels": cfg.z_channels,
-        "dropout": cfg.dropout,
-        "use_dc_up_down_blocks": cfg.use_dc_up_down_blocks,
-    }
+_BRANCH_PARTS = {**{name: ("pixel_encoder_branch", part) for name, part in PIXEL_ENCODER_PARTS.items()},
+                 **{name: ("pixel_decoder_branch", part) for name, part in PIXEL_DECODER_PARTS.items()}}
 
 
 class DualViTok(HubMixin, nn.Module):
@@ -56,6 +42,12 @@ class DualViTok(HubMixin, nn.Module):
 
     Images are float ``[B, 3, H, W]`` in [-1, 1] with H and W multiples of 16, all of one size per batch.
     Build with :func:`dualvitok.create_model`, load with :meth:`from_pretrained` or :meth:`from_reference`.
+
+    The branches: ``semantic_encoder`` (:class:`~dualvitok.semantic.SemanticEncoder`) with ``semantic_quantizer`` and
+    ``semantic_decoder``; ``pixel_encoder_branch`` (:class:`~dualvitok.pixel.PixelEncoder`) and
+    ``pixel_decoder_branch`` (:class:`~dualvitok.pixel.PixelDecoder`), whose parts are registered here under the
+    checkpoint's names (``pixel_encoder``, ``pixel_quant_conv``, ``pixel_quantizer``, ``pixel_post_quant_conv``,
+    ``pixel_decoder``); assigning one of those attributes updates the branch too.
     """
 
     def __init__(self, config: DualViTokConfig | None = None):
@@ -65,17 +57,20 @@ class DualViTok(HubMixin, nn.Module):
         self.semantic_preprocessor = SemanticPreprocessor(tower.patch_size, tower.temporal_patch_size,
                                                           tower.spatial_merge_size)
         self.semantic_encoder = SemanticEncoder(config.semantic_encoder)
-        self.semantic_quantizer = _build_quantizer(config.semantic_quantizer)
+        self.semantic_quantizer = quantizer_from_config(config.semantic_quantizer)
         self.semantic_decoder = SemanticDecoder(config.semantic_decoder)
-        pe, pd = config.pixel_encoder, config.pixel_decoder
-        self.pixel_encoder = MoVQEncoder(in_channels=pe.in_channels, double_z=pe.double_z, **_movq_kwargs(pe))
-        self.pixel_quant_conv = nn.Conv2d(pe.z_channels * (2 if pe.double_z else 1), pe.embed_dim, 1)
-        self.pixel_quantizer = _build_quantizer(config.pixel_quantizer)
-        self.pixel_post_quant_conv = nn.Conv2d(pd.embed_dim, pd.z_channels, 1)
-        self.pixel_decoder = MoVQDecoder(out_channels=pd.out_channels, zq_channels=pd.embed_dim, **_movq_kwargs(pd))
+        # the pixel branch: its parts are registered here under the checkpoint's names (the reference's state-dict
+        # keys); the branch objects keep references to them and are not registered themselves
+        encoder_branch = PixelEncoder(config.pixel_encoder, config.pixel_quantizer)
+        decoder_branch = PixelDecoder(config.pixel_decoder)
+        object.__setattr__(self, "pixel_encoder_branch", encoder_branch)
+        object.__setattr__(self, "pixel_decoder_branch", decoder_branch)
+        for name, (branch, part) in _BRANCH_PARTS.items():
+            self.add_module(name, getattr(self.__dict__[branch], part))
         self.downsample_factor = config.pixel_downsample_factor
-        self.channels_last = False  # set by optimize_for_inference (fast path)
+        self.inference_plan = None  # set by optimize_for_inference (dualvitok.inference.InferencePlan)
         self.init_weights()
+        install_stage_casts(self)  # stages in another dtype take and give float32 (forward hooks, no-ops in float32)
 
     # ------------------------------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -89,6 +84,18 @@ class DualViTok(HubMixin, nn.Module):
                 elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        part = _BRANCH_PARTS.get(name)
+        if part is not None and isinstance(value, nn.Module) and part[0] in self.__dict__:
+            setattr(self.__dict__[part[0]], part[1], value)  # a replaced part (e.g. an inference variant)
+
+    def train(self, mode: bool = True) -> DualViTok:
+        super().train(mode)
+        for branch in ("pixel_encoder_branch", "pixel_decoder_branch"):
+            self.__dict__[branch].training = mode  # their parts are children of the tokenizer, already set
+        return self
 
     # ------------------------------------------------------------------------------------------ checks
     def check_images(self, images: Tensor) -> None:
@@ -115,16 +122,12 @@ class DualViTok(HubMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------------ fast path
     def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
-                               exact_indices: bool = True) -> DualViTok:
-        """Opt-in fast path (bf16 stages, channels_last convs, exact indices); see :mod:`dualvitok.inference`."""
+                               exact_indices: bool = True, *, device: str | torch.device | None = None,
+                               compile: bool = False) -> DualViTok:
+        """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`."""
         from .inference import optimize_for_inference
 
-        return optimize_for_inference(self, dtype, channels_last, exact_indices)
-
-    @staticmethod
-    def _stage_dtype(module: nn.Module) -> torch.dtype:
-        """The floating dtype a stage computes in (its first parameter's): float32, or bf16 on the fast path."""
-        return next(module.parameters()).dtype
+        return optimize_for_inference(self, dtype, channels_last, exact_indices, device=device, compile=compile)
 
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:
@@ -138,29 +141,21 @@ class DualViTok(HubMixin, nn.Module):
             pre-quantization features, the semantic target and both quantizer losses).
         """
         self.check_images(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        se = self.semantic_encoder
         pixel_values, grid_thw = self.semantic_preprocessor(images)
         grid = self.semantic_preprocessor.grid(*images.shape[-2:])  # (t, h, w) as ints: no host synchronisation
-        tower_features, target = se.forward_tower(pixel_values, grid)  # frozen tower: bf16 on the fast path
-        hs, ws = se.grid_size(grid)[1:]
-        features = se.forward_head(target.to(self._stage_dtype(se.proj_in)), hs, ws)
-        sem_q = self.semantic_quantizer(se.to_map(features, hs, ws).float())
-        pixel_features = self.pixel_quant_conv(self.pixel_encoder(images.to(self._stage_dtype(self.pixel_encoder))))
-        pixel_features = pixel_features.float()
-        pix_q = self.pixel_quantizer(pixel_features)
-        semantic_features, semantic_target = se.to_map(features, hs, ws).float(), se.to_map(target, hs, ws).float()
+        semantic = self.semantic_encoder(pixel_values, grid)
+        sem_q = self.semantic_quantizer(semantic.features)
+        pixel = self.pixel_encoder_branch(images)
         return DualViTokEncoding(
             semantic_indices=sem_q.indices,
-            pixel_indices=pix_q.indices,
+            pixel_indices=pixel.indices,
             semantic_codes=sem_q.quantized,
-            pixel_codes=pix_q.quantized,
-            semantic_features=semantic_features,
-            pixel_features=pixel_features,
-            semantic_target=semantic_target,
+            pixel_codes=pixel.quantized,
+            semantic_features=semantic.features,
+            pixel_features=pixel.features,
+            semantic_target=semantic.target,
             semantic_loss=sem_q.loss,
-            pixel_loss=pix_q.loss,
+            pixel_loss=pixel.loss,
             semantic_pixel_values=pixel_values,
             semantic_grid_thw=grid_thw,
         )
@@ -173,8 +168,8 @@ class DualViTok(HubMixin, nn.Module):
     def merge_codes(self, semantic_codes: Tensor, pixel_codes: Tensor) -> Tensor:
         """Decoder input: semantic codes bicubic-resized to the pixel grid, then concatenated before the pixel codes.
 
-        Shape: ``[B, z_s, hs, ws]``, ``[B, z_p, h, w]`` -> ``[B, z_s + z_p, h, w]``. Token noise is applied to the
-        pixel codes here in training when ``config.pixel_drop_rate`` is set.
+        Shape: ``[B, z_s, hs, ws]``, ``[B, z_p, h, w]`` -> ``[B, z_s + z_p, h, w]``. No noise here: training adds
+        token noise with :meth:`add_token_noise` (``forward(images, token_noise=True)``).
         """
         if semantic_codes.shape[0] != pixel_codes.shape[0]:
             raise ValueError(f"batch sizes differ: semantic codes {tuple(semantic_codes.shape)} vs pixel codes "
@@ -182,11 +177,21 @@ class DualViTok(HubMixin, nn.Module):
         semantic = F.interpolate(
             semantic_codes.float(), size=pixel_codes.shape[-2:], mode="bicubic", align_corners=False
         )
-        if self.training and self.config.pixel_drop_rate:
-            codebook = self.pixel_quantizer.codebook if self.config.pixel_noise_type == "uniform" else None
-            pixel_codes = inject_token_noise(pixel_codes, self.config.pixel_drop_batch_rate,
-                                             self.config.pixel_drop_rate, self.config.pixel_noise_type, codebook)
         return torch.cat([semantic.to(pixel_codes.dtype), pixel_codes], dim=1)
+
+    def add_token_noise(self, pixel_codes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The training token noise of the config (``pixel_drop_rate``, ``pixel_drop_batch_rate``,
+        ``pixel_noise_type``) applied to pixel codes ``[B, z_p, h, w]``; unchanged when ``pixel_drop_rate`` is unset.
+
+        Training code calls this (the trainer through ``forward(images, token_noise=True)``); the decode path never
+        adds noise by itself, whatever the module's mode.
+        """
+        cfg = self.config
+        if not cfg.pixel_drop_rate:
+            return pixel_codes
+        codebook = self.pixel_quantizer.codebook if cfg.pixel_noise_type == "uniform" else None
+        return inject_token_noise(pixel_codes, cfg.pixel_drop_batch_rate, cfg.pixel_drop_rate, cfg.pixel_noise_type,
+                                  codebook, generator=generator)
 
     def decode(self, semantic_codes: Tensor, pixel_codes: Tensor) -> Tensor:
         """Decode codes to images.
@@ -199,11 +204,7 @@ class DualViTok(HubMixin, nn.Module):
             ``[B, 3, 16h, 16w]``, unclamped (nominally [-1, 1]).
         """
         check_codes(semantic_codes, pixel_codes, self.semantic_quantizer.dim, self.pixel_quantizer.dim)
-        merged = self.merge_codes(semantic_codes, pixel_codes)
-        if self.channels_last:
-            merged = merged.contiguous(memory_format=torch.channels_last)
-        merged = merged.to(self._stage_dtype(self.pixel_decoder))  # bf16 on the fast path
-        return self.pixel_decoder(self.pixel_post_quant_conv(merged), merged).float()
+        return self.pixel_decoder_branch(self.merge_codes(semantic_codes, pixel_codes))
 
     def decode_indices(self, semantic_indices: Tensor, pixel_indices: Tensor) -> Tensor:
         """Decode integer tokens: ``[B, hs, ws]``, ``[B, h, w]`` -> images ``[B, 3, 16h, 16w]``."""
@@ -213,13 +214,18 @@ class DualViTok(HubMixin, nn.Module):
 
     def decode_semantic(self, semantic_codes: Tensor) -> Tensor:
         """Semantic decoder: ``[B, z_s, hs, ws] -> [B, C_vit, hs, ws]`` (compare with ``semantic_target``)."""
-        return self.semantic_decoder(semantic_codes.to(self._stage_dtype(self.semantic_decoder))).float()
+        return self.semantic_decoder(semantic_codes)
 
-    def forward(self, images: Tensor) -> DualViTokOutput:
-        """Encode and decode: images ``[B, 3, H, W]`` -> :class:`DualViTokOutput`."""
+    def forward(self, images: Tensor, token_noise: bool = False) -> DualViTokOutput:
+        """Encode and decode: images ``[B, 3, H, W]`` -> :class:`DualViTokOutput`.
+
+        ``token_noise``: decode pixel codes with the config's training token noise (:meth:`add_token_noise`); the
+        trainer passes it, nothing else does.
+        """
         enc = self.encode(images)
+        pixel_codes = self.add_token_noise(enc.pixel_codes) if token_noise else enc.pixel_codes
         return DualViTokOutput(
-            reconstruction=self.decode(enc.semantic_codes, enc.pixel_codes),
+            reconstruction=self.decode(enc.semantic_codes, pixel_codes),
             semantic_reconstruction=self.decode_semantic(enc.semantic_codes),
             encoding=enc,
         )

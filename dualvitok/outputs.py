@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .quantizers.base import QuantizerOutput
 
-__all__ = ["DualViTokEncoding", "DualViTokOutput", "QuantizerOutput", "SemanticEncoderOutput"]
+__all__ = ["DualViTokEncoding", "DualViTokOutput", "PixelEncoderOutput", "QuantizerOutput", "SemanticEncoderOutput"]
 
 
 @dataclass
@@ -24,6 +24,23 @@ class SemanticEncoderOutput:
     features: Tensor
     target: Tensor
     tower_features: Tensor
+
+
+@dataclass
+class PixelEncoderOutput:
+    """Output of :class:`dualvitok.pixel.PixelEncoder`.
+
+    Attributes:
+        features: pixel features before quantization (after the quant conv) ``[B, z_p, H/16, W/16]``.
+        quantized: quantized features (straight-through) ``[B, z_p, H/16, W/16]``.
+        indices: ``[B, H/16, W/16]`` int64.
+        loss: quantizer loss (scalar).
+    """
+
+    features: Tensor
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
 
 
 @dataclass

@@ -125,6 +125,17 @@ class _RopeTransformer(nn.Module):
         return x
 
 
+def build_vision_tower(config: SemanticEncoderConfig) -> nn.Module:
+    """The semantic branch's vision tower: the Qwen2-VL ViT, or a timm model when ``config.timm_model`` is set
+    (same interface, see :mod:`dualvitok.timm_tower`): ``(pixel_values [N, 1176], grid_thw [B, 3]) -> [N/4, C_vit]``.
+    """
+    if config.timm_model:
+        from .timm_tower import TimmVisionTower
+
+        return TimmVisionTower(config.timm_model, config.semantic_encoder_config)
+    return Qwen2VisionTower(config.semantic_encoder_config)
+
+
 class SemanticEncoder(_RopeTransformer):
     """Frozen Qwen2-VL tower, LayerNorm target and trainable transformer head.
 
@@ -136,12 +147,7 @@ class SemanticEncoder(_RopeTransformer):
         super().__init__(config.embed_dim, config.num_blocks, config.num_heads, config.mlp_ratio)
         tower = config.semantic_encoder_config
         self.config = config
-        if config.timm_model:  # pluggable tower (same interface), see dualvitok.timm_tower
-            from .timm_tower import TimmVisionTower
-
-            self.model = TimmVisionTower(config.timm_model, tower)
-        else:
-            self.model = Qwen2VisionTower(tower)
+        self.model = build_vision_tower(config)
         self.model.requires_grad_(False)
         self.merge_size = tower.spatial_merge_size
         if config.target_mlp == "norm":

@@ -136,14 +136,56 @@ def test_bad_indices_get_clear_errors(tiny_model):
         tiny_model.decode_indices(sem[0], pix)
 
 
-def test_token_noise_is_applied_only_in_training():
+def test_token_noise_only_when_asked_never_by_mode():
+    """merge_codes / decode never add noise (train or eval mode); add_token_noise and forward(token_noise=True) do."""
     torch.manual_seed(0)
     model = create_model("dualvitok_tiny", pixel_drop_rate=1.0, pixel_drop_batch_rate=1.0, pixel_noise_type="zero")
     sem, pix = torch.randn(2, 8, 2, 2), torch.randn(2, 8, 4, 4)
-    model.eval()
-    assert torch.equal(model.merge_codes(sem, pix)[:, 8:], pix)
-    model.train()
-    assert torch.equal(model.merge_codes(sem, pix)[:, 8:], torch.zeros_like(pix))
+    for mode in (False, True):
+        model.train(mode)
+        assert torch.equal(model.merge_codes(sem, pix)[:, 8:], pix)
+        assert torch.equal(model.add_token_noise(pix), torch.zeros_like(pix))  # alpha = beta = 1, mode "zero"
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        model.eval()
+        plain, noisy = model(images), model(images, token_noise=True)
+        zero_pixel = model.decode(plain.encoding.semantic_codes, torch.zeros_like(plain.encoding.pixel_codes))
+    assert torch.equal(noisy.reconstruction, zero_pixel)
+    assert not torch.equal(plain.reconstruction, zero_pixel)
+    clean = create_model("dualvitok_tiny")  # pixel_drop_rate unset: add_token_noise is the identity
+    assert clean.add_token_noise(pix) is pix
+
+
+def test_pixel_branch_is_a_composition_with_the_checkpoint_keys(tiny_model):
+    """The pixel branch modules are the tokenizer's registered parts; keys are the reference names."""
+    from dualvitok.pixel import PixelDecoder, PixelEncoder
+
+    enc, dec = tiny_model.pixel_encoder_branch, tiny_model.pixel_decoder_branch
+    assert isinstance(enc, PixelEncoder) and isinstance(dec, PixelDecoder)
+    assert enc.encoder is tiny_model.pixel_encoder and enc.quant_conv is tiny_model.pixel_quant_conv
+    assert enc.quantizer is tiny_model.pixel_quantizer and dec.decoder is tiny_model.pixel_decoder
+    assert dec.post_quant_conv is tiny_model.pixel_post_quant_conv
+    keys = set(tiny_model.state_dict())
+    assert {k.split(".")[0] for k in keys} == {"semantic_encoder", "semantic_quantizer", "semantic_decoder",
+                                               "pixel_encoder", "pixel_quant_conv", "pixel_quantizer",
+                                               "pixel_post_quant_conv", "pixel_decoder"}
+    # a standalone branch has its own keys and computes what the tokenizer's pixel half computes
+    standalone = PixelEncoder(tiny_model.config.pixel_encoder, tiny_model.config.pixel_quantizer).eval()
+    standalone.load_state_dict({f"{part}.{k}": v for name, part in (("pixel_encoder", "encoder"),
+                                                                      ("pixel_quant_conv", "quant_conv"),
+                                                                      ("pixel_quantizer", "quantizer"))
+                                for k, v in getattr(tiny_model, name).state_dict().items()})
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out, enc_out = standalone(x), tiny_model.encode(x)
+    assert torch.equal(out.indices, enc_out.pixel_indices) and torch.equal(out.features, enc_out.pixel_features)
+    # a replaced part reaches the branch
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    assert model.pixel_decoder_branch.decoder is model.pixel_decoder  # deepcopy keeps the sharing
+    model.pixel_quant_conv = torch.nn.Conv2d(8, 8, 1)
+    assert model.pixel_encoder_branch.quant_conv is model.pixel_quant_conv
 
 
 def test_from_reference_rejects_missing_keys(conformance_dir):

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import conv2d_add
 from .norm import apply_norm, make_norm
 
 
@@ -21,13 +19,9 @@ class AttnBlock2d(nn.Module):
         channels: C.
         zq_channels: if given, the norm is a :class:`SpatialNorm` conditioned on ``zq``.
 
-    Shape: ``x [B, C, H, W]`` (and ``zq``) -> ``[B, C, H, W]``.
-
-    With ``fused_inference`` set and autograd off, the residual addition is fused into ``proj_out`` and written
-    into the memory of ``x`` (pass a temporary), as in :class:`~dualvitok.blocks.ResnetBlock2d`.
+    Shape: ``x [B, C, H, W]`` (and ``zq``) -> ``[B, C, H, W]``; ``x`` is never modified (the fast path's variant,
+    :class:`dualvitok.blocks.inference.InferenceAttnBlock2d`, writes into it).
     """
-
-    fused_inference = False
 
     def __init__(self, channels: int, zq_channels: int | None = None):
         super().__init__()
@@ -38,11 +32,12 @@ class AttnBlock2d(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        return x + self.proj_out(self.attend(x, zq))
+
+    def attend(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        """The attention output before ``proj_out`` and the residual: ``[B, C, H, W]``."""
         b, c, h, w = x.shape
         hn = apply_norm(self.norm, x, zq)
         q, k, v = (conv(hn).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))  # [B,1,HW,C]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W]
-        if self.fused_inference and not torch.is_grad_enabled():
-            return conv2d_add(self.proj_out, out, x, inplace=True)
-        return x + self.proj_out(out)
+        return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W]

@@ -9,11 +9,8 @@ Parameter names (``conv``) are those of the reference checkpoint.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .fused import add
 
 
 def channel_average(x: Tensor, out_channels: int) -> Tensor:
@@ -45,8 +42,6 @@ class DCDownBlock2d(nn.Module):
     Shape: ``[B, C, H, W] -> [B, C_out, H/2, W/2]``; H and W must be even.
     """
 
-    fused_inference = False  # add the shortcut in place when autograd is off (see dualvitok.blocks.fused)
-
     def __init__(self, in_channels: int, out_channels: int | None = None, shortcut: bool = True):
         super().__init__()
         out_channels = out_channels or in_channels
@@ -63,7 +58,7 @@ class DCDownBlock2d(nn.Module):
         h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
         if self.shortcut:
             shortcut = channel_average(space_to_channel(x), self.out_channels)  # [B, 4C, H/2, W/2] -> [B, C_out, ..]
-            h = add(h, shortcut, inplace=self.fused_inference)
+            h = h + shortcut
         return h
 
 
@@ -77,8 +72,6 @@ class DCUpBlock2d(nn.Module):
 
     Shape: ``[B, C, H, W] -> [B, C_out, 2H, 2W]``.
     """
-
-    fused_inference = False  # add the shortcut in place, broadcast, when autograd is off (see dualvitok.blocks.fused)
 
     def __init__(self, in_channels: int, out_channels: int | None = None, shortcut: bool = True):
         super().__init__()
@@ -94,10 +87,7 @@ class DCUpBlock2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = channel_to_space(self.conv(x))  # [B, 4 C_out, H, W] -> [B, C_out, 2H, 2W]
         if self.shortcut:
-            if self.repeats == 4 and self.fused_inference and not torch.is_grad_enabled() and h.dtype == x.dtype:
-                # nearest 2x upsampling as a broadcast over [B, C, H, 2, W, 2] views of h, added in place
-                h.unflatten(2, (x.shape[2], 2)).unflatten(4, (x.shape[3], 2)).add_(x[:, :, :, None, :, None])
-            elif self.repeats == 4:  # C_out == C: repeat + pixel-shuffle is exactly nearest-neighbour 2x upsampling
+            if self.repeats == 4:  # C_out == C: repeat + pixel-shuffle is exactly nearest-neighbour 2x upsampling
                 h = h + F.interpolate(x, scale_factor=2.0, mode="nearest")
             else:
                 h = h + channel_to_space(x.repeat_interleave(self.repeats, dim=1))

@@ -10,12 +10,13 @@ of their freshly allocated outputs. Two kernels remove most of that work:
   blocks in our tests; grouped ones can differ in the last bit); in bf16 it rounds once instead of twice.
 * In-place epilogues (``addcmul_``/``add_``/``silu_``) on temporaries a block owns.
 
-Blocks use them only when their ``fused_inference`` attribute is set (by
-:func:`dualvitok.inference.optimize_for_inference`) *and* autograd is off, so training and the float32 reference
-path run the plain operators; in-place additions are used only where both operands have the same dtype (under
-autocast they may not). The oneDNN operator (``torch.ops.mkldnn._convolution_pointwise``, the one Inductor uses for
-the same fusion on CPU) is internal to PyTorch: where it is missing, disabled (``torch.backends.mkldnn.enabled``),
-under autocast, or refuses a kind of arguments, the plain operators run instead (refused kinds are remembered).
+The inference variants of the blocks (:mod:`dualvitok.blocks.inference`, swapped in by
+:func:`dualvitok.inference.optimize_for_inference`) use them, and only while autograd is off, so training and the
+float32 reference path run the public blocks' plain operators; in-place additions are used only where both operands
+have the same dtype (under autocast they may not). The oneDNN operator (``torch.ops.mkldnn._convolution_pointwise``,
+the one Inductor uses for the same fusion on CPU) is internal to PyTorch: where it is missing, disabled
+(``torch.backends.mkldnn.enabled``), under autocast, or refuses a kind of arguments, the plain operators run instead
+(refused kinds are remembered). It is used on CPU only; other devices' plans never call it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, Downsample2d, Upsample2d, channel_average
-from .fused import add
 from .norm import apply_norm, make_norm
 from .resnet import ResnetBlock2d
 
@@ -137,8 +136,6 @@ class MoVQDecoder(nn.Module):
     Shape: ``z [B, z_channels, h, w]``, ``zq [B, zq_channels, h, w]`` -> ``[B, out_channels, h*s, w*s]``.
     """
 
-    fused_inference = False  # in-place stem addition when autograd is off (see dualvitok.blocks.fused)
-
     def __init__(
         self,
         out_channels: int = 3,
@@ -182,7 +179,7 @@ class MoVQDecoder(nn.Module):
         h = self.conv_in(z)
         if self.use_dc:
             stem = z.repeat_interleave(self.stem_repeats, dim=1)  # [B, z, h, w] -> [B, C, h, w]
-            h = add(h, stem, inplace=self.fused_inference)
+            h = h + stem
         h = self.mid(h, zq)
         for level in reversed(self.up):
             h = level(h, zq)

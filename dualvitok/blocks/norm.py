@@ -27,12 +27,7 @@ class SpatialNorm(nn.Module):
         zq_channels: channels of the conditioning map.
 
     Shape: ``x [B, f, H, W]``, ``zq [B, zq_channels, h, w]`` -> ``[B, f, H, W]``.
-
-    With ``fused_inference`` set and autograd off, the modulation is applied in place on the normalised temporary
-    (no second full-size output).
     """
-
-    fused_inference = False
 
     def __init__(self, channels: int, zq_channels: int, num_groups: int = 32, eps: float = 1e-6):
         super().__init__()
@@ -41,11 +36,17 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
     def forward(self, x: Tensor, zq: Tensor) -> Tensor:
+        return self.modulate(self.norm_layer(x), zq)
+
+    def modulate(self, normed: Tensor, zq: Tensor, inplace: bool = False) -> Tensor:
+        """``normed * conv_y(zq) + conv_b(zq)``, the maps resized (nearest) to ``normed``'s size.
+
+        ``inplace`` writes the result into ``normed`` (the fast path's variant does, on its own temporary) where that
+        keeps the dtype type promotion would give.
+        """
         y, b = self.conv_y(zq), self.conv_b(zq)  # 1x1 convs commute with nearest resizing: run them on the small map
-        normed = self.norm_layer(x)
-        # normed is ours: modulate it in place (where that keeps the dtype type promotion would give)
-        inplace = self.fused_inference and not torch.is_grad_enabled() and normed.dtype == y.dtype == b.dtype
-        (height, width), (h, w) = x.shape[-2:], y.shape[-2:]
+        inplace = inplace and normed.dtype == y.dtype == b.dtype
+        (height, width), (h, w) = normed.shape[-2:], y.shape[-2:]
         if (height, width) == (h, w):
             return torch.addcmul(b, normed, y, out=normed if inplace else None)  # GN(x) * y + b in one pass
         if height % h == 0 and width % w == 0:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import conv2d_add
 from .norm import apply_norm, make_norm
 
 
@@ -24,14 +23,9 @@ class ResnetBlock2d(nn.Module):
         zq_channels: if given, norms are :class:`SpatialNorm` conditioned on a map with this many channels.
         dropout: dropout probability before ``conv2``.
 
-    Shape: ``x [B, C_in, H, W]`` (and ``zq [B, zq_channels, h, w]``) -> ``[B, C_out, H, W]``.
-
-    With ``fused_inference`` set (by :func:`~dualvitok.inference.optimize_for_inference`) and autograd off, the
-    residual addition is fused into ``conv2`` (:func:`~dualvitok.blocks.fused.conv2d_add`) and the output reuses the
-    memory of ``x``: the input is overwritten, so pass a temporary (as the MoVQ encoder and decoder do).
+    Shape: ``x [B, C_in, H, W]`` (and ``zq [B, zq_channels, h, w]``) -> ``[B, C_out, H, W]``. ``x`` is never
+    modified; the fast path's variant that writes into it is :class:`dualvitok.blocks.inference.InferenceResnetBlock2d`.
     """
-
-    fused_inference = False
 
     def __init__(self, in_channels: int, out_channels: int | None = None, zq_channels: int | None = None,
                  dropout: float = 0.0):
@@ -47,11 +41,9 @@ class ResnetBlock2d(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
-        inplace = not torch.is_grad_enabled()  # the norm outputs are temporaries: activate them in place
+        inplace = not torch.is_grad_enabled()  # the norm outputs are temporaries of this block: activate in place
         h = self.conv1(F.silu(apply_norm(self.norm1, x, zq), inplace=inplace))
         h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=inplace))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        if self.fused_inference and inplace:
-            return conv2d_add(self.conv2, h, x, inplace=True)  # x + conv2(h), written into x
         return x + self.conv2(h)

@@ -72,12 +72,7 @@ def code_features(tokenizer, semantic_indices: Tensor, pixel_indices: Tensor,
     if pixel_noise is not None and pixel_noise.batch_rate > 0 and pixel_noise.token_rate > 0:
         pixel_codes = inject_token_noise(pixel_codes, *pixel_noise, mode="uniform", codebook=pix_q.codebook.float(),
                                          generator=generator)
-    was_training = tokenizer.training
-    tokenizer.eval()  # merge_codes adds the tokenizer's own training noise in train mode; never here
-    try:
-        return tokenizer.merge_codes(semantic_codes, pixel_codes).float()
-    finally:
-        tokenizer.train(was_training)
+    return tokenizer.merge_codes(semantic_codes, pixel_codes).float()  # no noise of its own, in any mode
 
 
 def to_latent_grid(features: Tensor, latent_size: tuple[int, int]) -> Tensor:

@@ -364,7 +364,7 @@ class Trainer:
         disc = self.loss_fn.discriminator
         disc.requires_grad_(False)  # the generator step must not touch D's gradients
         with self._autocast():
-            output = self.ddp_model(images)
+            output = self.ddp_model(images, token_noise=True)  # the config's token noise (pixel_drop_rate)
             last_layer = self.model.pixel_decoder.conv_out.weight if cfg.loss.disc_adaptive_weight else None
             gen = self.loss_fn.generator_loss(images, output, global_step, last_layer)
         self.opt_g.zero_grad(set_to_none=True)

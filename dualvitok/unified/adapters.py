@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks.movq import MoVQEncoder
-from ..blocks.qwen2_vit import Qwen2VisionTower
 from ..configuration import DualViTokConfig
-from ..model import DualViTok, _movq_kwargs
-from ..semantic import SemanticPreprocessor
+from ..model import DualViTok
+from ..pixel import movq_encoder
+from ..semantic import SemanticPreprocessor, build_vision_tower
 
 
 @dataclass
@@ -50,10 +49,10 @@ class DualVisionTower(nn.Module):
         self.semantic_feature = semantic_feature
         self.semantic_preprocessor = SemanticPreprocessor(tower.patch_size, tower.temporal_patch_size,
                                                           tower.spatial_merge_size)
-        self.semantic_encoder = Qwen2VisionTower(tower)
-        self.pixel_encoder = MoVQEncoder(in_channels=pe.in_channels, double_z=pe.double_z, **_movq_kwargs(pe))
+        self.semantic_encoder = build_vision_tower(config.semantic_encoder)  # Qwen2-VL, or the timm tower option
+        self.pixel_encoder = movq_encoder(pe)
         self.semantic_dim = tower.hidden_size
-        self.pixel_dim = pe.z_channels * (2 if pe.double_z else 1)
+        self.pixel_dim = self.pixel_encoder.out_channels
 
     @classmethod
     def from_dualvitok(cls, model: DualViTok, semantic_feature: str = "tower") -> DualVisionTower:

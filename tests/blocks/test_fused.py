@@ -1,4 +1,4 @@
-"""Fused inference kernels: conv + residual in one oneDNN call, in-place epilogues; blocks with and without them."""
+"""Fused inference kernels (conv + residual in one oneDNN call, in-place epilogues) and the blocks' variants."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from dualvitok.blocks import AttnBlock2d, DCDownBlock2d, DCUpBlock2d, MoVQDecoder, MoVQEncoder, ResnetBlock2d, fused
+from dualvitok.blocks import (
+    AttnBlock2d,
+    DCDownBlock2d,
+    DCUpBlock2d,
+    MoVQDecoder,
+    MoVQEncoder,
+    ResnetBlock2d,
+    SpatialNorm,
+    fused,
+)
+from dualvitok.blocks.inference import INFERENCE_VARIANTS, InferenceVariant, swap_inference_blocks
 from dualvitok.inference import optimize_for_inference
 
 
@@ -120,11 +130,10 @@ def test_conv2d_add_plain_where_fusion_does_not_apply(monkeypatch):
             assert out.dtype == (residual + conv(x)).dtype == torch.float32
 
 
-def _fused_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> nn.Module:
-    fast = copy.deepcopy(module).to(dtype)
+def _fused_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool, fuse_conv: bool = True) -> nn.Module:
+    """A copy of ``module`` with the inference variants swapped in (as optimize_for_inference does)."""
+    fast = swap_inference_blocks(copy.deepcopy(module).to(dtype), fuse_conv=fuse_conv)
     for m in fast.modules():
-        if hasattr(m, "fused_inference"):
-            m.fused_inference = True
         if channels_last and isinstance(m, nn.Conv2d):
             m.weight.data = _cl(m.weight.data, True)
     return fast
@@ -210,8 +219,61 @@ def test_fused_movq_encoder_decoder_bf16_close_to_float32():
     assert rel < 0.02, rel
 
 
-def test_optimize_for_inference_switches_fused_kernels_on(tiny_model):
+def test_optimize_for_inference_swaps_the_inference_variants_in(tiny_model):
     fast = optimize_for_inference(copy.deepcopy(tiny_model))
-    flags = [m.fused_inference for m in fast.modules() if hasattr(m, "fused_inference")]
-    assert flags and all(flags)
-    assert not any(m.fused_inference for m in tiny_model.modules() if hasattr(m, "fused_inference"))
+    swapped = [m for m in fast.modules() if isinstance(m, InferenceVariant)]
+    plain_kinds = {type(m) for m in tiny_model.modules()} & set(INFERENCE_VARIANTS)
+    assert len(swapped) == sum(type(m) in INFERENCE_VARIANTS for m in tiny_model.modules())
+    assert {type(m) for m in swapped} == {INFERENCE_VARIANTS[k] for k in plain_kinds}
+    assert not any(type(m) in INFERENCE_VARIANTS for m in fast.modules())  # every plain block was replaced
+    assert not any(isinstance(m, InferenceVariant) for m in tiny_model.modules())  # the original is untouched
+    assert list(fast.state_dict()) == list(tiny_model.state_dict())  # same keys, same order
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_variant_shares_parameters_and_keys(name):
+    block = BLOCKS[name][0]()
+    fast = swap_inference_blocks(block)
+    assert isinstance(fast, InferenceVariant) and isinstance(fast, type(block))
+    plain, shared = block.state_dict(), fast.state_dict()
+    assert list(plain) == list(shared)
+    assert all(plain[k].data_ptr() == shared[k].data_ptr() for k in plain)  # the same tensors, not copies
+    with pytest.raises(TypeError, match="is built from"):
+        type(fast).from_module(nn.Conv2d(1, 1, 1))
+
+
+def _public_blocks():
+    zq = torch.randn(1, 8, 4, 4)
+    return {
+        "resnet": (ResnetBlock2d(32, 32, zq_channels=8), (torch.randn(1, 32, 8, 8), zq)),
+        "resnet_shortcut": (ResnetBlock2d(32, 64), (torch.randn(1, 32, 8, 8),)),
+        "attention": (AttnBlock2d(32, zq_channels=8), (torch.randn(1, 32, 8, 8), zq)),
+        "spatial_norm": (SpatialNorm(32, 8), (torch.randn(1, 32, 8, 8), zq)),
+        "dc_down": (DCDownBlock2d(32), (torch.randn(1, 32, 8, 8),)),
+        "dc_up": (DCUpBlock2d(32), (torch.randn(1, 32, 4, 4),)),
+        "decoder": (MoVQDecoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(1,), z_channels=8,
+                                zq_channels=8), (torch.randn(1, 8, 4, 4), zq)),
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet_shortcut", "attention", "spatial_norm", "dc_down", "dc_up",
+                                  "decoder"])
+def test_public_blocks_never_overwrite_their_inputs(name):
+    """A public block means one thing: in inference mode too, its inputs are left as they were."""
+    block, inputs = _public_blocks()[name]
+    block.eval()
+    before = [t.clone() for t in inputs]
+    with torch.inference_mode():
+        block(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before, strict=True))
+    assert not any(hasattr(m, "fused_inference") for m in block.modules())  # no fast-path flag in public blocks
+
+
+def test_cuda_plan_variants_never_call_onednn(monkeypatch):
+    """fuse_conv=False (every non-CPU plan): plain operators only, same float32 results."""
+    _forbid_onednn(monkeypatch)
+    for name in BLOCKS:
+        block, _, x, args = _plain_and_fused(name, True)
+        fast = _fused_copy(block, torch.float32, True, fuse_conv=False)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(_cl(x.clone(), True), *args), block(x, *args), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,11 @@ def _pixel_part(model, merged):
     return merged[:, model.semantic_quantizer.dim:]  # decoder input = [semantic; pixel]
 
 
+def _noisy_merge(model, semantic, pixel):
+    """The decoder input of a training step: token noise (the trainer asks for it), then the merge."""
+    return model.merge_codes(semantic, model.add_token_noise(pixel))
+
+
 def test_noise_fractions_random_mode(noisy_model):
     """alpha=0.5 of the samples, beta=0.3 of their tokens take the previous sample's token (reference 'random')."""
     model = noisy_model.train()
@@ -27,7 +32,7 @@ def test_noise_fractions_random_mode(noisy_model):
     batch, h, w = 4000, 4, 4
     pixel = torch.randn(batch, model.pixel_quantizer.dim, h, w)
     semantic = torch.randn(batch, model.semantic_quantizer.dim, 2, 2)
-    out = _pixel_part(model, model.merge_codes(semantic, pixel))
+    out = _pixel_part(model, _noisy_merge(model, semantic, pixel))
     changed = (out != pixel).any(dim=1)  # [B, h, w]
     previous = torch.cat([pixel[-1:], pixel[:-1]])
     assert torch.equal(out[changed.unsqueeze(1).expand_as(out)], previous[changed.unsqueeze(1).expand_as(out)])
@@ -48,19 +53,20 @@ def test_batch_of_one_untouched_in_random_mode():
     model = create_model("dualvitok_tiny", pixel_drop_rate=1.0, pixel_drop_batch_rate=1.0).train()
     pixel = torch.randn(1, model.pixel_quantizer.dim, 4, 4)
     semantic = torch.randn(1, model.semantic_quantizer.dim, 2, 2)
-    assert torch.equal(_pixel_part(model, model.merge_codes(semantic, pixel)), pixel)
+    assert torch.equal(_pixel_part(model, _noisy_merge(model, semantic, pixel)), pixel)
     pixel2 = torch.randn(2, model.pixel_quantizer.dim, 4, 4)
     semantic2 = torch.randn(2, model.semantic_quantizer.dim, 2, 2)
-    swapped = _pixel_part(model, model.merge_codes(semantic2, pixel2))
+    swapped = _pixel_part(model, _noisy_merge(model, semantic2, pixel2))
     assert torch.equal(swapped, pixel2.flip(0))  # every token replaced by the other sample's
 
 
-def test_noise_only_in_training_and_when_configured(noisy_model):
+def test_noise_only_when_asked_and_when_configured(noisy_model):
     pixel = torch.randn(64, noisy_model.pixel_quantizer.dim, 4, 4)
     semantic = torch.randn(64, noisy_model.semantic_quantizer.dim, 2, 2)
-    assert torch.equal(_pixel_part(noisy_model, noisy_model.eval().merge_codes(semantic, pixel)), pixel)
+    for mode in (True, False):  # merging never adds noise, whatever the mode
+        assert torch.equal(_pixel_part(noisy_model, noisy_model.train(mode).merge_codes(semantic, pixel)), pixel)
     clean = create_model("dualvitok_tiny").train()  # pixel_drop_rate None: the released config
-    assert torch.equal(_pixel_part(clean, clean.merge_codes(semantic, pixel)), pixel)
+    assert torch.equal(_pixel_part(clean, _noisy_merge(clean, semantic, pixel)), pixel)
     noisy_model.train()
 
 

@@ -53,6 +53,24 @@ def test_short_run_lowers_reconstruction_loss(tmp_path):
     DualViTok.from_pretrained(result.final_model)  # the final folder loads
 
 
+def test_generator_step_applies_the_token_noise(tmp_path, monkeypatch):
+    """The trainer, not the model's mode, adds the config's token noise: once per generator step."""
+    from dualvitok import DualViTok
+
+    calls = []
+    original = DualViTok.add_token_noise
+
+    def counting(self, pixel_codes, generator=None):
+        calls.append(tuple(pixel_codes.shape))
+        return original(self, pixel_codes, generator)
+
+    monkeypatch.setattr(DualViTok, "add_token_noise", counting)
+    trainer = Trainer(tiny_config(max_steps=1), tmp_path, progress=False)
+    trainer.setup()
+    trainer.train_step(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert calls == [(2, 8, 4, 4)]
+
+
 def test_resume_is_exact(tmp_path):
     """10 steps in one go == 5 steps, then resume for 5 more (losses, weights, EMA, discriminator)."""
     straight, split = tmp_path / "straight", tmp_path / "split"

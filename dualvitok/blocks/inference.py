@@ -1,0 +1,159 @@
+"""Inference variants of the convolutional blocks: in-place epilogues and residual additions fused into convolutions.
+
+:func:`dualvitok.inference.optimize_for_inference` swaps these in for the plain blocks (:func:`swap_inference_blocks`).
+A variant is a subclass of its block built from an existing instance: it shares the instance's parameters, buffers
+and submodules, so state-dict keys and values do not change. Its ``forward`` computes what the plain block computes,
+with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fused`):
+
+* the residual addition of ``ResnetBlock2d``/``AttnBlock2d`` goes into the last convolution (a oneDNN post-op on
+  CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
+* ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
+  place (the DC-up shortcut as a broadcast over views, nothing materialised at full size).
+
+So a variant **overwrites its input**: the MoVQ encoder and decoder only pass temporaries they own. While autograd is
+on a variant runs the plain block's ``forward`` (training and gradient checks see the public block). In float32 the
+results equal the plain blocks' (``tests/blocks/test_fused.py``); in bf16 a fused addition rounds once, not twice.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttnBlock2d
+from .dc import DCDownBlock2d, DCUpBlock2d, channel_average, space_to_channel
+from .fused import add, conv2d_add
+from .movq import MoVQDecoder
+from .norm import SpatialNorm, apply_norm
+from .resnet import ResnetBlock2d
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class InferenceVariant(nn.Module):
+    """Base of the inference variants: construction from a plain block, and the conv + residual epilogue.
+
+    ``fuse_conv``: use the oneDNN convolution with an addition post-op (CPU only,
+    :func:`dualvitok.blocks.fused.conv2d_add`); otherwise ``residual.add_(conv(x))``, plain operators only.
+    """
+
+    fuse_conv: bool = True
+
+    @classmethod
+    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True) -> M:
+        """A variant sharing ``module``'s parameters, buffers, submodules and hooks (``module`` is left as it was)."""
+        plain = cls.__bases__[-1]  # the block this variant derives from
+        if not isinstance(module, plain):
+            raise TypeError(f"{cls.__name__} is built from a {plain.__name__}, got {type(module).__name__}")
+        variant = cls.__new__(cls)
+        variant.__dict__.update(module.__dict__)
+        for name in ("_parameters", "_buffers", "_modules"):  # own dicts: swapping children leaves module alone
+            variant.__dict__[name] = dict(module.__dict__[name])
+        variant.fuse_conv = fuse_conv
+        return variant
+
+    def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + conv(x)``, written into ``residual`` (a temporary the caller owns)."""
+        if self.fuse_conv:
+            return conv2d_add(conv, x, residual, inplace=True)
+        return add(residual, conv(x), inplace=True)
+
+
+class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
+    """:class:`SpatialNorm` modulating its normalised temporary in place (no second full-size output)."""
+
+    def forward(self, x: Tensor, zq: Tensor) -> Tensor:
+        return self.modulate(self.norm_layer(x), zq, inplace=not torch.is_grad_enabled())
+
+
+class InferenceResnetBlock2d(InferenceVariant, ResnetBlock2d):
+    """:class:`ResnetBlock2d` whose residual addition is fused into ``conv2``; **the output overwrites** ``x``."""
+
+    def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x, zq)
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq), inplace=True))
+        h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=True))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return self.conv_add(self.conv2, h, x)  # x + conv2(h), written into x
+
+
+class InferenceAttnBlock2d(InferenceVariant, AttnBlock2d):
+    """:class:`AttnBlock2d` whose residual addition is fused into ``proj_out``; **the output overwrites** ``x``."""
+
+    def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x, zq)
+        return self.conv_add(self.proj_out, self.attend(x, zq), x)
+
+
+class InferenceDCDownBlock2d(InferenceVariant, DCDownBlock2d):
+    """:class:`DCDownBlock2d` adding its shortcut in place on the convolution's output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or not self.shortcut:
+            return super().forward(x)
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"DCDownBlock2d needs even height and width, got {tuple(x.shape[-2:])}")
+        h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
+        return add(h, channel_average(space_to_channel(x), self.out_channels), inplace=True)
+
+
+class InferenceDCUpBlock2d(InferenceVariant, DCUpBlock2d):
+    """:class:`DCUpBlock2d` adding its nearest-upsampling shortcut in place, as a broadcast over views."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or not self.shortcut or self.repeats != 4:
+            return super().forward(x)
+        h = F.pixel_shuffle(self.conv(x), 2)  # [B, C, 2H, 2W]
+        if h.dtype != x.dtype:  # under autocast: keep the plain block's type promotion
+            return h + F.interpolate(x, scale_factor=2.0, mode="nearest")
+        # nearest 2x upsampling as a broadcast over [B, C, H, 2, W, 2] views of h, added in place
+        h.unflatten(2, (x.shape[2], 2)).unflatten(4, (x.shape[3], 2)).add_(x[:, :, :, None, :, None])
+        return h
+
+
+class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
+    """:class:`MoVQDecoder` adding its repeating input stem in place."""
+
+    def forward(self, z: Tensor, zq: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(z, zq)
+        h = self.conv_in(z)
+        if self.use_dc:
+            h = add(h, z.repeat_interleave(self.stem_repeats, dim=1), inplace=True)  # [B, z, h, w] -> [B, C, h, w]
+        h = self.mid(h, zq)
+        for level in reversed(self.up):
+            h = level(h, zq)
+        return self.conv_out(F.silu(apply_norm(self.norm_out, h, zq), inplace=True))
+
+
+INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
+    SpatialNorm: InferenceSpatialNorm,
+    ResnetBlock2d: InferenceResnetBlock2d,
+    AttnBlock2d: InferenceAttnBlock2d,
+    DCDownBlock2d: InferenceDCDownBlock2d,
+    DCUpBlock2d: InferenceDCUpBlock2d,
+    MoVQDecoder: InferenceMoVQDecoder,
+}
+"""Plain block type (exactly) -> its inference variant."""
+
+
+def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True) -> nn.Module:
+    """Replace, in place and bottom-up, every block of ``module`` (and ``module`` itself) whose type is a key of
+    :data:`INFERENCE_VARIANTS` by its variant; returns ``module`` or its replacement.
+
+    Args:
+        module: any module tree (a MoVQ encoder/decoder, a tokenizer).
+        fuse_conv: let the variants use the oneDNN fused convolution (CPU); ``False`` keeps to plain operators.
+    """
+    for name, child in list(module.named_children()):
+        new = swap_inference_blocks(child, fuse_conv)
+        if new is not child:
+            setattr(module, name, new)
+    variant = INFERENCE_VARIANTS.get(type(module))
+    return variant.from_module(module, fuse_conv) if variant is not None else module
