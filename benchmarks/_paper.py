@@ -57,13 +57,18 @@ def parser(description: str, steps: int) -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Apply ``--quick`` and pick the output / work folders."""
+def resolve(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Apply ``--quick`` and pick the output / work folders.
+
+    Finished runs are appended to ``<output>/.<name>.partial.jsonl`` and reused by a rerun with the same settings, so
+    an interrupted experiment continues where it stopped; the file is removed once the results are written.
+    """
     args.tmp = Path(tempfile.mkdtemp(prefix="dualvitok_paper_"))
     if args.quick:
         args.steps, args.seeds = QUICK_STEPS, args.seeds[:1]
         args.output = args.output or args.tmp / "results"
     args.output = args.output or RESULTS_DIR
+    args.partial = args.output / f".{name}.partial.jsonl"
     args.work = args.work or args.tmp / "runs"
     args.command = "python " + " ".join([Path(sys.argv[0]).as_posix().split(str(REPO) + "/")[-1], *sys.argv[1:]])
     return args
@@ -129,6 +134,11 @@ def heldout_tiles(tile: int = 64, scales: tuple[int, ...] = EVAL_SCALES, limit: 
     return out[:limit] if limit else out
 
 
+def corrupt_key(fraction: float) -> str:
+    """Result key of a corruption fraction: ``0.05 -> 'corrupt_5pct'``."""
+    return f"corrupt_{round(fraction * 100)}pct"
+
+
 def _to01(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
@@ -165,7 +175,7 @@ def evaluate(model, images: torch.Tensor, corrupt: tuple[float, ...] = (), seed:
             ssims[fraction].append(ssim(recon, target))
     out: dict[str, Any] = {"usage": usage.to_dict(), "images": len(images)}
     for fraction in psnrs:
-        key = "clean" if fraction == 0 else f"corrupt_{fraction:g}"
+        key = "clean" if fraction == 0 else corrupt_key(fraction)
         out[key] = {"psnr": float(torch.cat(psnrs[fraction]).mean()), "ssim": float(torch.cat(ssims[fraction]).mean())}
     return out
 
@@ -174,18 +184,32 @@ def run_arm(name: str, overrides: dict[str, Any], args: argparse.Namespace, imag
             corrupt: tuple[float, ...] = ()) -> list[dict[str, Any]]:
     """Train and evaluate one arm for every seed; one record per seed."""
     records = []
+    done = {}
+    if args.partial.is_file():
+        for line in args.partial.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            done[(r["arm"], r["seed"], r["steps"], r["resolution"], len(images))] = r
     for seed in args.seeds:
+        key = (name, seed, args.steps, args.resolution, len(images))
+        if key in done:
+            print(f"reusing {name} seed {seed} from {args.partial}", flush=True)
+            records.append(done[key])
+            continue
         cfg = train_config(overrides, seed, args.steps, args.resolution)
         model, facts = train(cfg, args.work / f"{name}-seed{seed}")
         grids = model.grid_sizes(args.resolution, args.resolution)
         tokens = {"semantic": math.prod(grids[0]), "pixel": math.prod(grids[1])}
         bits = (tokens["semantic"] * math.log2(model.semantic_quantizer.codebook_size)
                 + tokens["pixel"] * math.log2(model.pixel_quantizer.codebook_size))
-        record = {"arm": name, "seed": seed, "overrides": overrides, **facts, "tokens_per_image": tokens,
+        record = {"arm": name, "seed": seed, "steps": args.steps, "resolution": args.resolution,
+                  "overrides": overrides, **facts, "tokens_per_image": tokens,
                   "bits_per_image": bits, **evaluate(model, images, corrupt)}
         print(json.dumps({k: record[k] for k in ("arm", "seed", "train_wall_s", "train_rec_loss_last20", "clean")}),
               flush=True)
         records.append(record)
+        args.output.mkdir(parents=True, exist_ok=True)
+        with open(args.partial, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
         shutil.rmtree(args.work / f"{name}-seed{seed}", ignore_errors=True)
     return records
 
@@ -252,4 +276,5 @@ def write_results(name: str, args: argparse.Namespace, markdown: str, records: l
     print(markdown.replace("{HEADER}", header))
     print(f"wrote {md_path} and {name}.json")
     shutil.rmtree(args.tmp / "runs", ignore_errors=True)
+    args.partial.unlink(missing_ok=True)
     return md_path

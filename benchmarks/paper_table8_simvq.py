@@ -20,7 +20,7 @@ TYPES = ("SimVQ", "VectorQuantizer")
 
 
 def main() -> None:
-    args = P.resolve(P.parser(__doc__, steps=150).parse_args())
+    args = P.resolve(P.parser(__doc__, steps=100).parse_args(), "paper_table8_simvq")
     sizes = (64, 256) if args.quick else SIZES
     images = P.heldout_tiles(args.resolution, limit=8 if args.quick else None)
     records = []
