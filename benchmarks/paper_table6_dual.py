@@ -1,7 +1,8 @@
 """ILLUME+ Table 6 at tiny scale: dual (semantic + pixel) tokenizer vs pixel-only, at an equal token budget.
 
-    python benchmarks/paper_table6_dual.py            # 3 arms x 2 seeds (about 30 min on 1 thread)
-    python benchmarks/paper_table6_dual.py --quick    # smoke run (< 1 min), results in a temporary folder
+    python benchmarks/paper_table6_dual.py            # 2 arms x 2 seeds, 100 steps each (10-20 min on 1 thread)
+    python benchmarks/paper_table6_dual.py --arms dual equal-bits same-codebook   # + the third arm
+    python benchmarks/paper_table6_dual.py --quick    # smoke run (about a minute), results in a temporary folder
 
 Claim tested: adding the semantic branch does not cost reconstruction quality at the same token budget (the paper
 reports the dual design as better overall; its understanding benefits cannot be measured here, because the tiny
@@ -11,8 +12,8 @@ token the same constant, so the decoder's semantic channels carry no information
 describe the image. "Equal budget" means equal bits per image: at 64x64 the dual model has 2x2 semantic tokens of
 8 bits (256 codes) and 4x4 pixel tokens of 9 bits (512 codes), 176 bits; the pixel-only arm gets 4x4 pixel tokens
 of 11 bits (2048 codes), also 176 bits (the pixel grid is fixed by the encoder's stride, so equal token *count* is
-impossible). A third arm, pixel-only with the dual model's 512 pixel codes (144 bits), shows what the semantic
-tokens add. Writes ``benchmarks/results/paper_table6_dual.{md,json}``.
+impossible). An optional third arm (``--arms ... same-codebook``), pixel-only with the dual model's 512 pixel
+codes (144 bits), shows what the semantic tokens add. Writes ``benchmarks/results/paper_table6_dual.{md,json}``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ SHORT = {"dual": "dual", "equal-bits": "pixel-only, equal bits", "same-codebook"
 
 def main() -> None:
     p = P.parser(__doc__, steps=100)
-    p.add_argument("--arms", nargs="+", choices=list(SHORT), default=list(SHORT), help="arms to run (dual first)")
+    p.add_argument("--arms", nargs="+", choices=list(SHORT), default=["dual", "equal-bits"],
+                   help="arms to run (dual first); add same-codebook for the third arm")
     args = P.resolve(p.parse_args(), "paper_table6_dual")
     arms = {SHORT[a]: ARMS[SHORT[a]] for a in args.arms}
     if "dual" not in arms or len(arms) < 2:

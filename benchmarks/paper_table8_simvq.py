@@ -1,7 +1,7 @@
 """ILLUME+ Table 8 at tiny scale: SimVQ vs a plain VQ pixel quantizer at the same codebook size.
 
-    python benchmarks/paper_table8_simvq.py            # 2 sizes x 2 quantizers x 2 seeds (about 30 min on 1 thread)
-    python benchmarks/paper_table8_simvq.py --quick    # smoke run (< 1 min), results in a temporary folder
+    python benchmarks/paper_table8_simvq.py            # 2 sizes x 2 quantizers x 2 seeds, 100 steps (20-40 min)
+    python benchmarks/paper_table8_simvq.py --quick    # smoke run (about a minute), results in a temporary folder
 
 Claim tested: at equal codebook size SimVQ uses more of its codebook (utilisation, perplexity) and reconstructs
 better than a plain VQ. Only the *pixel* quantizer changes (``model.overrides: {pixel_quantizer: {type,

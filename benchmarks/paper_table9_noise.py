@@ -1,7 +1,7 @@
 """ILLUME+ Table 9 at tiny scale: token-noise injection in tokenizer training, on vs off.
 
-    python benchmarks/paper_table9_noise.py            # 2 arms x 2 seeds (about 25 min on 1 thread)
-    python benchmarks/paper_table9_noise.py --quick    # smoke run (< 1 min), results in a temporary folder
+    python benchmarks/paper_table9_noise.py            # 2 arms x 2 seeds, 100 steps each (10-20 min)
+    python benchmarks/paper_table9_noise.py --quick    # smoke run (about a minute), results in a temporary folder
 
 Claim tested: training the tokenizer with pixel-token noise makes its decoder robust to wrong tokens (as an
 autoregressive model produces) at little cost in clean reconstruction. "On" is the reference ``fix256`` / shipped
