@@ -144,15 +144,67 @@ class SemanticDecoderConfig(_ConfigMixin):
         _divisible(self, "embed_dim", self.num_heads, f"num_heads = {self.num_heads}")
 
 
+QUANTIZER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "SimVQ": ("rotation_trick", "commitment_weight", "input_to_quantize_commit_loss_weight"),
+    "VectorQuantizer": ("beta", "l2_normalize", "ema_decay", "dead_code_threshold", "init"),
+}
+"""The options each quantizer type takes (the others are refused for it); ``VectorQuantize`` = ``VectorQuantizer``."""
+
+
 @dataclass
 class QuantizerConfig(_ConfigMixin):
-    """A quantizer (``type`` is ``SimVQ`` or ``VectorQuantizer``)."""
+    """A quantizer (``type`` is ``SimVQ`` or ``VectorQuantizer``) and its options; ``None`` = the quantizer's default.
+
+    SimVQ: ``rotation_trick``, ``commitment_weight`` (weight of its whole loss), ``input_to_quantize_commit_loss_weight``.
+    VectorQuantizer: ``beta`` (commitment weight), ``l2_normalize``, ``ema_decay``, ``dead_code_threshold``, ``init``
+    (``uniform``: U(-1/K, 1/K), ``normal``: N(0, 1); default uniform, normal with EMA). An option set for a type that
+    does not use it is refused (see :data:`QUANTIZER_OPTIONS`).
+    """
 
     type: str = "SimVQ"
     dim: int = 32
     codebook_size: int = 32768
     channel_first: bool = True
     rotation_trick: bool = False
+    commitment_weight: float | None = None
+    input_to_quantize_commit_loss_weight: float | None = None
+    beta: float | None = None
+    l2_normalize: bool | None = None
+    ema_decay: float | None = None
+    dead_code_threshold: float | None = None
+    init: str | None = None
+
+    def __post_init__(self):
+        kind = "VectorQuantizer" if self.type == "VectorQuantize" else self.type
+        if kind not in QUANTIZER_OPTIONS:
+            raise ValueError(f"quantizer type must be one of {sorted(QUANTIZER_OPTIONS)}, got {self.type!r}")
+        defaults = {"rotation_trick": False}
+        for other, names in QUANTIZER_OPTIONS.items():
+            if other == kind:
+                continue
+            for name in names:
+                if getattr(self, name) not in (None, defaults.get(name)):
+                    raise ValueError(f"quantizer option {name}={getattr(self, name)!r} does not apply to type "
+                                     f"{self.type!r} (it is an option of {other}); remove it, or use type {other!r}. "
+                                     f"{self.type} takes: {', '.join(QUANTIZER_OPTIONS[kind])}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"quantizer ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.init not in (None, "uniform", "normal"):
+            raise ValueError(f"quantizer init must be 'uniform', 'normal' or null, got {self.init!r}")
+        for name in ("commitment_weight", "input_to_quantize_commit_loss_weight", "beta", "dead_code_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"quantizer {name} must be >= 0, got {value}")
+
+    def quantizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the quantizer class: size, layout and the options that are set."""
+        kind = "VectorQuantizer" if self.type == "VectorQuantize" else self.type
+        kwargs: dict[str, Any] = {"dim": self.dim, "codebook_size": self.codebook_size,
+                                  "channel_first": self.channel_first}
+        for name in QUANTIZER_OPTIONS[kind]:
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
 
     _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None)}
 

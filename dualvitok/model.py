@@ -30,10 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def _build_quantizer(cfg: QuantizerConfig) -> Quantizer:
-    kwargs: dict[str, Any] = {"dim": cfg.dim, "codebook_size": cfg.codebook_size, "channel_first": cfg.channel_first}
-    if cfg.type == "SimVQ":
-        kwargs["rotation_trick"] = cfg.rotation_trick
-    return build_quantizer(cfg.type, **kwargs)
+    return build_quantizer(cfg.type, **cfg.quantizer_kwargs())  # only the options that apply to cfg.type
 
 
 def _movq_kwargs(cfg: MoVQConfig) -> dict[str, Any]:
