@@ -155,7 +155,7 @@ QUANTIZER_OPTIONS: dict[str, tuple[str, ...]] = {
 class QuantizerConfig(_ConfigMixin):
     """A quantizer (``type`` is ``SimVQ`` or ``VectorQuantizer``) and its options; ``None`` = the quantizer's default.
 
-    SimVQ: ``rotation_trick``, ``commitment_weight`` (weight of its whole loss), ``input_to_quantize_commit_loss_weight``.
+    SimVQ: ``rotation_trick``, ``commitment_weight`` (its whole loss), ``input_to_quantize_commit_loss_weight``.
     VectorQuantizer: ``beta`` (commitment weight), ``l2_normalize``, ``ema_decay``, ``dead_code_threshold``, ``init``
     (``uniform``: U(-1/K, 1/K), ``normal``: N(0, 1); default uniform, normal with EMA). An option set for a type that
     does not use it is refused (see :data:`QUANTIZER_OPTIONS`).

@@ -121,7 +121,7 @@ def test_resume_is_exact(image_folder, tmp_path):
 
     straight = trainer(tmp_path / "a")
     straight_losses = straight.train(save_pipeline=False).losses
-    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-0000002.pt"
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-00000002.pt"
     assert checkpoint.is_file()
     resumed = trainer(tmp_path / "b")
     torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from here
@@ -140,10 +140,10 @@ def test_cli_train_refiner(image_folder, tmp_path, capsys):
             "--architecture", "tiny", "--resolutions", "64x64,128x64,64x128", "--steps", "1", "--batch-size", "2",
             "--checkpoint-every", "1"]
     assert main(argv) == 0
-    assert (out / "checkpoints" / "checkpoint-0000001.pt").is_file()
+    assert (out / "checkpoints" / "checkpoint-00000001.pt").is_file()
     assert main(argv[:-6] + ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--resume"]) == 0
     assert '"step": 2' in capsys.readouterr().out.strip().splitlines()[-1]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000001.pt", "checkpoint-0000002.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000001.pt", "checkpoint-00000002.pt"]
     tokenizer = create_model("dualvitok_tiny")
     loaded = RefinerPipeline.from_pretrained(out / "refiner", tokenizer)
     assert loaded.resolutions == tuple(TINY_RESOLUTIONS)
