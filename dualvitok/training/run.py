@@ -296,7 +296,7 @@ def merge_overrides(into: dict, updates: dict, path: str = "") -> list[str]:
     changed = []
     for key, value in updates.items():
         if key not in into:
-            raise ValueError(f"model.overrides: unknown DualViTok config field {path}{key!r}; known: {sorted(into)}")
+            raise ValueError(f"model.overrides: unknown DualViTok config field '{path}{key}'; known: {sorted(into)}")
         if isinstance(value, dict) and isinstance(into[key], dict):
             changed += merge_overrides(into[key], value, f"{path}{key}.")
         else:
