@@ -197,8 +197,6 @@ class RefinerTrainer:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.skipped = SkippedImages(len(self.dataset), config.max_skipped_fraction,
                                      self.output_dir / "skipped.jsonl" if self.dist.is_main else None)
-        self.skipped.update((i, str(self.dataset.paths[i]), reason)
-                            for i, reason in sorted(getattr(self.dataset, "unreadable", {}).items()))
 
     def _build_refiner(self, config: RefinerTrainConfig) -> RefinerPipeline:
         from ..loading import load_model
@@ -327,6 +325,13 @@ class RefinerTrainer:
         with output_lock(self.output_dir, "train-refiner", rank=self.dist.rank):
             if self.dist.is_main:
                 self.checkpoints.clean_temporary()
+                if self.step == 0:  # a fresh run: what an earlier attempt logged without a checkpoint is stale
+                    self.metrics_path.unlink(missing_ok=True)
+                    (self.output_dir / "skipped.jsonl").unlink(missing_ok=True)
+            if self.dist.enabled:
+                torch.distributed.barrier()
+            self.skipped.update((i, str(self.dataset.paths[i]), reason)  # headers unreadable when bucketing
+                                for i, reason in sorted(getattr(self.dataset, "unreadable", {}).items()))
             return self._train(save_pipeline)
 
     def _train(self, save_pipeline: bool) -> RefinerTrainResult:
@@ -398,15 +403,16 @@ def _ddp_class():
     from torch.nn.parallel import DistributedDataParallel
 
     class DDPUNet(DistributedDataParallel):
-        """DDP around a diffusers UNet that still answers ``config`` / ``dtype`` like the UNet."""
+        """DDP around a diffusers UNet that still answers ``config``, ``dtype``, ``add_embedding``... like the UNet
+        (the pipeline reads them), while its forward goes through DDP (gradients all-reduced)."""
 
-        @property
-        def config(self):
-            return self.module.config
-
-        @property
-        def dtype(self):
-            return self.module.dtype
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                if name == "module":
+                    raise
+                return getattr(self.module, name)
 
     return DDPUNet
 

@@ -217,6 +217,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 def append_metrics(path: str | os.PathLike, record: dict) -> None:
     """Append one record as a JSON line (non-finite floats are written as null: the file stays strict JSON)."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(clean) + "\n")
 
