@@ -6,7 +6,9 @@ betas (0.9, 0.95), separate gradient clipping of generator and discriminator, bf
 linear warm-up, progressive resolution stages with aspect-ratio buckets, ``metrics.jsonl`` (one record per optimizer
 step), a loss-curve PNG, periodic reconstructions, and checkpoints that hold everything needed to continue bit for bit
 on CPU (model, discriminator, both optimizers and schedulers, EMA, step, RNG states, data position), written atomically.
-Own code.
+The plumbing shared with the refiner trainer (schedule, seeding, checkpoint folder, metrics, skipped images, overrides,
+activation checkpointing) is :mod:`dualvitok.training.run`; DDP vs FSDP is a :mod:`dualvitok.training.strategy`
+object. Own code.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class Trainer:
                                      self.output_dir / "skipped.jsonl" if self.dist.is_main else None)
 
         self.strategy = make_strategy(run.parallel, self.dist, self.device)
-        if self.strategy.name == "fsdp" and self.dist.enabled and cfg.loss.disc_adaptive_weight:
+        if self.strategy.sharded and cfg.loss.disc_adaptive_weight:
             raise ValueError("loss.disc_adaptive_weight needs the decoder's full last-layer gradient, which FSDP "
                              "shards; use run.parallel: ddp or turn the adaptive weight off")
         self.model = build_model(cfg).to(self.device).train()
