@@ -18,8 +18,8 @@ import sys
 
 def measure(checkpointing: bool, device: str, size: int, batch: int) -> dict:
     import torch
-
     from _common import PeakMemory
+
     from dualvitok import create_model
     from dualvitok.training.run import apply_activation_checkpointing
 
