@@ -189,29 +189,14 @@ class CheckpointFolder:
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl``; a torn (unparseable) last line is dropped with a warning.
 
+    The library's one JSON-lines reader (:func:`dualvitok.tokens.read_jsonl`, shared with the token index).
+
     Raises:
-        ValueError: a line other than the last is not valid JSON (the file is damaged, not torn).
+        ValueError: a line other than the last is not a JSON object (the file is damaged, not torn).
     """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                logger.warning("%s: ignoring an incomplete last line %d (%r...): the run stopped while writing it",
-                               path, number, line[:60])
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({e}); the file is damaged in the middle, "
-                             "not just torn at the end; restore it or remove that line") from None
-    return records
+    from ..tokens import read_jsonl
+
+    return read_jsonl(path)
 
 
 def append_metrics(path: str | os.PathLike, record: dict) -> None:

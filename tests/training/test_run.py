@@ -101,7 +101,7 @@ def test_metrics_torn_last_line_is_dropped_middle_damage_is_an_error(tmp_path, c
     assert [r["step"] for r in truncate_metrics(path, 1)] == [1]
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
     path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
-    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+    with pytest.raises(ValueError, match="line 2 is not a valid record"):
         read_metrics(path)
 
 
