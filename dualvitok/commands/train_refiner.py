@@ -49,15 +49,18 @@ def add_parser(subparsers) -> None:
                    help="UNet/VAE layout when training from scratch (default: sdxl)")
     p.add_argument("--resolutions", type=_resolutions, default=None,
                    help="supported output sizes WxH,WxH,... (default: the refiner's; the reference's 12 sizes)")
-    p.add_argument("--steps", type=_args.positive_int, default=1000)
+    p.add_argument("--steps", type=_args.positive_int, default=1000, help="optimizer steps (default: 1000)")
     _args.add_batch_size(p, 4)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--warmup-steps", type=_args.non_negative_int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default: 0.01)")
+    p.add_argument("--warmup-steps", type=_args.non_negative_int, default=0,
+                   help="linear learning-rate warm-up steps (default: 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="gradient-norm clipping; 0 disables it (default: 1.0)")
     p.add_argument("--checkpoint-every", type=_args.non_negative_int, default=500,
                    help="checkpoint period in steps; 0 = only at the end (default: 500)")
-    p.add_argument("--keep-checkpoints", type=_args.positive_int, default=2)
+    p.add_argument("--keep-checkpoints", type=_args.positive_int, default=2,
+                   help="how many of the newest checkpoints to keep (default: 2)")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="keep an EMA of the UNet with this decay (e.g. 0.999); the saved refiner gets the EMA weights")
     p.add_argument("--gradient-checkpointing", action="store_true",
