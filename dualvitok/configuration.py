@@ -148,7 +148,7 @@ QUANTIZER_OPTIONS: dict[str, tuple[str, ...]] = {
     "SimVQ": ("rotation_trick", "commitment_weight", "input_to_quantize_commit_loss_weight"),
     "VectorQuantizer": ("beta", "l2_normalize", "ema_decay", "dead_code_threshold", "init"),
 }
-"""The options each quantizer type takes (the others are refused for it); ``VectorQuantize`` = ``VectorQuantizer``."""
+"""The options each quantizer type takes (the others are refused for it)."""
 
 
 @dataclass
@@ -174,44 +174,40 @@ class QuantizerConfig(_ConfigMixin):
     dead_code_threshold: float | None = None
     init: str | None = None
 
-    def __post_init__(self):
-        kind = "VectorQuantizer" if self.type == "VectorQuantize" else self.type
-        if kind not in QUANTIZER_OPTIONS:
-            raise ValueError(f"quantizer type must be one of {sorted(QUANTIZER_OPTIONS)}, got {self.type!r}")
-        defaults = {"rotation_trick": False}
-        for other, names in QUANTIZER_OPTIONS.items():
-            if other == kind:
-                continue
-            for name in names:
-                if getattr(self, name) not in (None, defaults.get(name)):
-                    raise ValueError(f"quantizer option {name}={getattr(self, name)!r} does not apply to type "
-                                     f"{self.type!r} (it is an option of {other}); remove it, or use type {other!r}. "
-                                     f"{self.type} takes: {', '.join(QUANTIZER_OPTIONS[kind])}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"quantizer ema_decay must be in (0, 1) or null, got {self.ema_decay}")
-        if self.init not in (None, "uniform", "normal"):
-            raise ValueError(f"quantizer init must be 'uniform', 'normal' or null, got {self.init!r}")
-        for name in ("commitment_weight", "input_to_quantize_commit_loss_weight", "beta", "dead_code_threshold"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"quantizer {name} must be >= 0, got {value}")
-
     def quantizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the quantizer class: size, layout and the options that are set."""
-        kind = "VectorQuantizer" if self.type == "VectorQuantize" else self.type
         kwargs: dict[str, Any] = {"dim": self.dim, "codebook_size": self.codebook_size,
                                   "channel_first": self.channel_first}
-        for name in QUANTIZER_OPTIONS[kind]:
+        for name in QUANTIZER_OPTIONS[self.type]:
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs
 
-    _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None)}
+    _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None), "commitment_weight": (0, None),
+                                      "input_to_quantize_commit_loss_weight": (0, None), "beta": (0, None),
+                                      "dead_code_threshold": (0, None)}
 
     def __post_init__(self):
         _check_fields(self)
         if self.type not in ("SimVQ", "VectorQuantizer"):
             raise ConfigFieldError("type", f"must be 'SimVQ' or 'VectorQuantizer', got {self.type!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Options of another quantizer type are refused (never silently ignored); values in range."""
+        defaults = {"rotation_trick": False}
+        for other, names in QUANTIZER_OPTIONS.items():
+            if other == self.type:
+                continue
+            for name in names:
+                if getattr(self, name) not in (None, defaults.get(name)):
+                    raise ConfigFieldError(name, f"({getattr(self, name)!r}) does not apply to type {self.type!r} (it "
+                                                 f"is an option of {other}); remove it, or use type {other!r}. "
+                                                 f"{self.type} takes: {', '.join(QUANTIZER_OPTIONS[self.type])}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigFieldError("ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
+        if self.init not in (None, "uniform", "normal"):
+            raise ConfigFieldError("init", f"must be 'uniform', 'normal' or null, got {self.init!r}")
 
 
 @dataclass
