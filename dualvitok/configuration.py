@@ -144,22 +144,70 @@ class SemanticDecoderConfig(_ConfigMixin):
         _divisible(self, "embed_dim", self.num_heads, f"num_heads = {self.num_heads}")
 
 
+QUANTIZER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "SimVQ": ("rotation_trick", "commitment_weight", "input_to_quantize_commit_loss_weight"),
+    "VectorQuantizer": ("beta", "l2_normalize", "ema_decay", "dead_code_threshold", "init"),
+}
+"""The options each quantizer type takes (the others are refused for it)."""
+
+
 @dataclass
 class QuantizerConfig(_ConfigMixin):
-    """A quantizer (``type`` is ``SimVQ`` or ``VectorQuantizer``)."""
+    """A quantizer (``type`` is ``SimVQ`` or ``VectorQuantizer``) and its options; ``None`` = the quantizer's default.
+
+    SimVQ: ``rotation_trick``, ``commitment_weight`` (its whole loss), ``input_to_quantize_commit_loss_weight``.
+    VectorQuantizer: ``beta`` (commitment weight), ``l2_normalize``, ``ema_decay``, ``dead_code_threshold``, ``init``
+    (``uniform``: U(-1/K, 1/K), ``normal``: N(0, 1); default uniform, normal with EMA). An option set for a type that
+    does not use it is refused (see :data:`QUANTIZER_OPTIONS`).
+    """
 
     type: str = "SimVQ"
     dim: int = 32
     codebook_size: int = 32768
     channel_first: bool = True
     rotation_trick: bool = False
+    commitment_weight: float | None = None
+    input_to_quantize_commit_loss_weight: float | None = None
+    beta: float | None = None
+    l2_normalize: bool | None = None
+    ema_decay: float | None = None
+    dead_code_threshold: float | None = None
+    init: str | None = None
 
-    _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None)}
+    def quantizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the quantizer class: size, layout and the options that are set."""
+        kwargs: dict[str, Any] = {"dim": self.dim, "codebook_size": self.codebook_size,
+                                  "channel_first": self.channel_first}
+        for name in QUANTIZER_OPTIONS[self.type]:
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    _RANGES: typing.ClassVar[dict] = {"dim": (1, None), "codebook_size": (2, None), "commitment_weight": (0, None),
+                                      "input_to_quantize_commit_loss_weight": (0, None), "beta": (0, None),
+                                      "dead_code_threshold": (0, None)}
 
     def __post_init__(self):
         _check_fields(self)
         if self.type not in ("SimVQ", "VectorQuantizer"):
             raise ConfigFieldError("type", f"must be 'SimVQ' or 'VectorQuantizer', got {self.type!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Options of another quantizer type are refused (never silently ignored); values in range."""
+        defaults = {"rotation_trick": False}
+        for other, names in QUANTIZER_OPTIONS.items():
+            if other == self.type:
+                continue
+            for name in names:
+                if getattr(self, name) not in (None, defaults.get(name)):
+                    raise ConfigFieldError(name, f"({getattr(self, name)!r}) does not apply to type {self.type!r} (it "
+                                                 f"is an option of {other}); remove it, or use type {other!r}. "
+                                                 f"{self.type} takes: {', '.join(QUANTIZER_OPTIONS[self.type])}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigFieldError("ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
+        if self.init not in (None, "uniform", "normal"):
+            raise ConfigFieldError("init", f"must be 'uniform', 'normal' or null, got {self.init!r}")
 
 
 @dataclass

@@ -32,7 +32,8 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
 
     Args:
         spec: ``None``, ``"dualvitok-demo"`` or ``"demo"``: the bundled demo model; a folder (ours or the reference
-            layout); a Hub repo id; or a registered architecture name (random weights, with a warning).
+            layout); a Hub repo id; a registered architecture name (random weights, with a warning); or a
+            ``dualvitok train`` run folder or checkpoint (:func:`dualvitok.training.run_model.load_run_model`).
         device: where to put the model (``"auto"``: cuda, mps, npu or cpu).
         kwargs: passed to :meth:`DualViTok.from_pretrained`.
     """
@@ -46,4 +47,10 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     if str(spec) in list_models() and not os.path.isdir(spec):
         logger.warning("building %s with RANDOM weights (a registered architecture, not a checkpoint)", spec)
         return create_model(str(spec)).to(device).eval()
+    if os.path.exists(spec):  # a training run folder or checkpoint (dualvitok.training.run_model)
+        from .training.run_model import load_run_model
+
+        from_run = load_run_model(spec, **kwargs)
+        if from_run is not None:
+            return from_run.to(device)
     return DualViTok.from_pretrained(spec, **kwargs).to(device)

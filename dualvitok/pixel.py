@@ -30,12 +30,8 @@ PIXEL_DECODER_PARTS = {"pixel_post_quant_conv": "post_quant_conv", "pixel_decode
 
 
 def quantizer_from_config(config: QuantizerConfig) -> Quantizer:
-    """The quantizer a :class:`QuantizerConfig` describes (``SimVQ`` or ``VQ``)."""
-    kwargs: dict[str, Any] = {"dim": config.dim, "codebook_size": config.codebook_size,
-                              "channel_first": config.channel_first}
-    if config.type == "SimVQ":
-        kwargs["rotation_trick"] = config.rotation_trick
-    return build_quantizer(config.type, **kwargs)
+    """The quantizer a :class:`QuantizerConfig` describes (``SimVQ`` or ``VQ``), with the options set for its type."""
+    return build_quantizer(config.type, **config.quantizer_kwargs())
 
 
 def _movq_kwargs(config: MoVQConfig) -> dict[str, Any]:

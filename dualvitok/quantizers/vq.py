@@ -38,6 +38,8 @@ class VectorQuantizer(Quantizer):
             are re-initialised from random vectors of the batch; 0 disables restarts.
         memory_budget: bytes allowed for the temporary distance tiles of the search.
         search_plan: tile plan of the search (``"auto"``: by device; see :func:`~dualvitok.quantizers.nearest_code`).
+        init: codebook initialisation, ``"uniform"`` (U(-1/K, 1/K)) or ``"normal"`` (N(0, 1)); default uniform, normal
+            with ``ema_decay``.
 
     Shape:
         ``x [B, D, *spatial]`` -> ``QuantizerOutput(quantized [B, D, *spatial], indices [B, *spatial], loss [])``.
@@ -54,6 +56,7 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         search_plan: SearchPlan = "auto",
+        init: str | None = None,
     ):
         super().__init__(dim, codebook_size, channel_first, memory_budget, search_plan)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
@@ -62,13 +65,18 @@ class VectorQuantizer(Quantizer):
         self.l2_normalize = bool(l2_normalize)
         self.ema_decay = ema_decay
         self.dead_code_threshold = float(dead_code_threshold)
-        init = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if init is None:
+            init = "uniform" if ema_decay is None else "normal"
+        if init not in ("uniform", "normal"):
+            raise ValueError(f"init must be 'uniform' or 'normal', got {init!r}")
+        weights = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if init == "normal":  # drawn after the uniform one: the random stream stays that of earlier versions
+            weights = torch.randn(codebook_size, dim)
         if ema_decay is None:
-            self.embedding = nn.Parameter(init)
+            self.embedding = nn.Parameter(weights)
         else:
-            init = torch.randn(codebook_size, dim)
-            self.register_buffer("embedding", init)
-            self.register_buffer("ema_embed_sum", init.clone())
+            self.register_buffer("embedding", weights)
+            self.register_buffer("ema_embed_sum", weights.clone())
         # running usage (training state, needed for exact resume of EMA / restarts; not the usage statistics)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
 

@@ -55,19 +55,44 @@ class BucketImageDataset(Dataset):
         self.paths = [Path(p) for p in paths]
         self.resolutions = normalize_resolutions(resolutions)
         self.buckets: list[int] = []
-        for path in self.paths:
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
+        self.unreadable: dict[int, str] = {}  # index -> reason (header unreadable; bucket 0, substituted on load)
+        from ..training.data import UNREADABLE
+
+        for i, path in enumerate(self.paths):
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    w, h = im.size
+            except UNREADABLE as e:
+                self.unreadable[i] = f"{type(e).__name__}: {e}"
+                w, h = self.resolutions[0]
             self.buckets.append(self.resolutions.index(nearest_resolution(h, w, self.resolutions)))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tensor:
-        width, height = self.resolutions[self.buckets[i]]
+        return self._render(i, self.buckets[i])
+
+    def _render(self, i: int, bucket: int) -> Tensor:
+        width, height = self.resolutions[bucket]
         image = resize_cover_crop(self._load(self.paths[i]), width, height)
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
         return x.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
+
+    def load(self, i: int) -> tuple[Tensor, list[tuple[int, str, str]]]:
+        """``self[i]``, but an unreadable image is replaced by the next readable one, resized to image ``i``'s
+        bucket (batches stay one size); also returns the ``(index, name, reason)`` of the images passed over."""
+        from ..training.data import MAX_SUBSTITUTES, UNREADABLE
+
+        skipped = []
+        for attempt in range(min(len(self), MAX_SUBSTITUTES)):
+            j = (i + attempt) % len(self)
+            try:
+                return self._render(j, self.buckets[i]), skipped
+            except UNREADABLE as e:
+                skipped.append((j, str(self.paths[j]), f"{type(e).__name__}: {e}"))
+        raise ValueError(f"{len(skipped)} images in a row from {self.paths[i]} cannot be read; the data set looks "
+                         "broken (see the warnings)")
 
 
 def bucket_batches(buckets: Sequence[int], batch_size: int, seed: int, epoch: int,

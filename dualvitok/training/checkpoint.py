@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ import torch
 from .._utils import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "latest_checkpoint"]
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -101,19 +98,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The ``checkpoint-<step>.pt`` with the highest step in ``folder`` (or ``folder/checkpoints``), else None.
+    """The ``checkpoint-<step>.pt`` (or sharded ``checkpoint-<step>/``) with the highest step in ``folder`` (or
+    ``folder/checkpoints``), else None. Temporary files of interrupted writes (``.checkpoint-*.tmp``) are never
+    returned. See :class:`dualvitok.training.run.CheckpointFolder` for rotation and corrupt-file fallback."""
+    from .run import CheckpointFolder
 
-    Temporary files of interrupted writes (``.checkpoint-*.tmp``) are never returned.
-    """
     folder = Path(folder)
-    best: tuple[int, Path] | None = None
-    for candidate_dir in (folder, folder / "checkpoints"):
-        if not candidate_dir.is_dir():
-            continue
-        for entry in candidate_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(entry.name)
-            if match and entry.is_file():
-                step = int(match.group(1))
-                if best is None or step > best[0]:
-                    best = (step, entry)
-    return None if best is None else best[1]
+    entries = CheckpointFolder(folder).entries() + CheckpointFolder(folder / "checkpoints").entries()
+    return max(entries, key=lambda item: item[0])[1] if entries else None

@@ -65,12 +65,17 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0
     scheduler: str = "constant"  # 'constant' or 'warmup' (linear warm-up, then constant)
     warmup_steps: int = 0
+    accumulation_steps: int = 1  # micro-batches of data.batch_size per optimizer step (gradient accumulation)
 
     def __post_init__(self):
         if self.type not in ("adam", "adamw"):
             raise ValueError(f"optimizer.type must be 'adam' or 'adamw', got {self.type!r}")
         if self.scheduler not in ("constant", "warmup"):
             raise ValueError(f"optimizer.scheduler must be 'constant' or 'warmup', got {self.scheduler!r}")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"optimizer.accumulation_steps must be >= 1, got {self.accumulation_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -111,16 +116,25 @@ class DataConfig:
     random_flip: bool = True
     stages: tuple[StageConfig, ...] = (StageConfig(),)
     cache_images: bool = False  # keep decoded images in memory (small data sets)
+    max_skipped_fraction: float = 0.1  # unreadable images are skipped; more than this fraction stops the run
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("data.stages must list at least one stage")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ValueError(f"data.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
 
 
 @dataclass
 class ModelSpec:
     """What to train: a registered ``name`` (with top-level ``overrides``), a full ``config`` dict, and optionally
-    ``init_from`` (a folder saved by ``save_pretrained``) to fine-tune."""
+    ``init_from`` (a folder saved by ``save_pretrained``) to fine-tune. With ``init_from``, ``overrides`` apply to
+    the pretrained config; those that would change a pretrained weight's shape are refused
+    (:func:`dualvitok.training.run.apply_overrides`)."""
 
     name: str | None = "dualvitok_tiny"
     config: dict[str, Any] | None = None
@@ -137,20 +151,29 @@ class RunConfig:
     mixed_precision: str = "no"  # 'no' or 'bf16' (autocast on CPU and GPU)
     ema_decay: float | None = None  # e.g. 0.999; null disables EMA (the reference)
     log_every: int = 1  # metrics.jsonl gets one record per optimizer step; the console every log_every steps
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 1000  # 0: only at the end of the run
     keep_checkpoints: int = 2
     sample_every: int = 500  # reconstructions PNG
     plot_every: int = 100  # loss-curve PNG
     num_samples: int = 4
     threads: int | None = None  # torch.set_num_threads on CPU
-    device: str | None = None  # default: cuda if available else cpu
+    device: str | None = None  # default 'auto': cuda > mps > npu > cpu (dualvitok.devices.resolve_device)
     parallel: str = "ddp"  # under torchrun: 'ddp' (replicated model) or 'fsdp' (sharded; see dualvitok.training.fsdp)
+    activation_checkpointing: bool = False  # recompute transformer / MoVQ block activations in backward (less memory)
+    tracker: str | None = None  # 'tensorboard': also log to OUTPUT/tensorboard (extra 'tensorboard')
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"run.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"run.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.tracker not in (None, "none", "tensorboard"):
+            raise ValueError(f"run.tracker must be null or 'tensorboard', got {self.tracker!r}")
+        for name in ("max_steps", "checkpoint_every", "sample_every", "plot_every", "log_every", "num_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -195,11 +218,23 @@ def load_train_config(name_or_path: str | os.PathLike) -> TrainConfig:
     path = resolve_config_path(name_or_path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
     else:
         try:
             import yaml
         except ImportError as e:  # pragma: no cover
             raise ImportError("YAML configs need PyYAML: pip install dualvitok[train]") from e
-        data = yaml.safe_load(text)
-    return TrainConfig.from_dict(data or {})
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{path}: a training config is a mapping of sections (model, loss, optimizer, data, run), "
+                         f"got {type(data).__name__}")
+    try:
+        return TrainConfig.from_dict(data or {})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None

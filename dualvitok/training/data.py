@@ -28,7 +28,13 @@ from .samplers import SampleSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSource", "TrainImageDataset", "BatchDataset", "collect_sources", "SKIMAGE_PHOTOS", "builtin_photos"]
+__all__ = ["ImageSource", "TrainImageDataset", "BatchDataset", "collect_sources", "SKIMAGE_PHOTOS", "builtin_photos",
+           "UNREADABLE"]
+
+UNREADABLE: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What decoding a broken file raises (truncated data, not an image, bad header, a decompression bomb)."""
+
+MAX_SUBSTITUTES = 32  # a batch slot tries at most this many images before giving up
 
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
                   "ihc.png", "camera.png", "grass.png", "gravel.png", "brick.png", "moon.png", "horse.png")
@@ -53,6 +59,11 @@ class ImageSource:
     member: str | None = None
     offset: int = 0
     size: int = 0
+
+    @property
+    def name(self) -> str:
+        """The file, or ``shard.tar:member``."""
+        return self.path if self.member is None else f"{self.path}:{self.member}"
 
     def read(self) -> Image.Image:
         """Decode to an RGB PIL image."""
@@ -136,6 +147,7 @@ class TrainImageDataset(Dataset):
         self.random_flip = random_flip
         self.cache_images = cache_images
         self._cache: dict[int, Image.Image] = {}
+        self.unreadable: dict[int, str] = {}  # found by image_sizes(): index -> reason
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -148,32 +160,68 @@ class TrainImageDataset(Dataset):
         return self.sources[index].read()
 
     def image_sizes(self) -> list[tuple[int, int]]:
-        """``(height, width)`` of every image (header read only)."""
+        """``(height, width)`` of every image (header read only). Unreadable files get a square placeholder and
+        are listed in :attr:`unreadable` (their batch slots are filled by :meth:`load`'s substitutes)."""
         sizes = []
-        for src in self.sources:
-            if src.member is None:
-                with Image.open(src.path) as im:
+        for i, src in enumerate(self.sources):
+            try:
+                if src.member is None:
+                    with Image.open(src.path) as im:
+                        sizes.append((im.height, im.width))
+                else:
+                    im = src.read()
                     sizes.append((im.height, im.width))
-            else:
-                im = src.read()
-                sizes.append((im.height, im.width))
+            except UNREADABLE as e:
+                self.unreadable[i] = f"{type(e).__name__}: {e}"
+                sizes.append((256, 256))
         return sizes
+
+    def unreadable_items(self) -> list[tuple[int, str, str]]:
+        """``(index, name, reason)`` of the files :meth:`image_sizes` could not read."""
+        return [(i, self.sources[i].name, reason) for i, reason in sorted(self.unreadable.items())]
 
     def __getitem__(self, spec: SampleSpec) -> Tensor:
         generator = torch.Generator().manual_seed(spec.seed)
         return random_resized_crop(self.image(spec.index), spec.height, spec.width, self.crop_scale,
                                    self.random_flip, generator)
 
+    def load(self, spec: SampleSpec) -> tuple[Tensor, list[tuple[int, str, str]]]:
+        """``self[spec]``, but an unreadable image is replaced by the next readable one (same crop draw).
+
+        Returns:
+            the ``[3, H, W]`` crop and the ``(index, name, reason)`` of each unreadable image passed over.
+            Deterministic, so a resumed run sees the same substitutes.
+        """
+        skipped = []
+        for attempt in range(min(len(self), MAX_SUBSTITUTES)):
+            index = (spec.index + attempt) % len(self)
+            try:
+                return self[SampleSpec(index, spec.height, spec.width, spec.seed)], skipped
+            except UNREADABLE as e:
+                skipped.append((index, self.sources[index].name, f"{type(e).__name__}: {e}"))
+        raise ValueError(f"{len(skipped)} images in a row from {self.sources[spec.index].name} cannot be read; "
+                         "the data set looks broken (see the warnings)")
+
 
 class BatchDataset(Dataset):
     """Batches (lists of :class:`SampleSpec`) -> stacked ``[B, 3, H, W]`` tensors (use ``batch_size=None``)."""
 
-    def __init__(self, images: TrainImageDataset, batches: list[list[SampleSpec]]):
+    def __init__(self, images: TrainImageDataset, batches: list[list[SampleSpec]], report_skipped: bool = False):
         self.images = images
         self.batches = batches
+        self.report_skipped = report_skipped
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return torch.stack([self.images[spec] for spec in self.batches[i]])  # (B, 3, H, W)
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, list[tuple[int, str, str]]]:
+        """``[B, 3, H, W]``; with ``report_skipped`` also the unreadable images replaced (see
+        :meth:`TrainImageDataset.load`), as ``(batch, [(index, name, reason), ...])``."""
+        if not self.report_skipped:
+            return torch.stack([self.images[spec] for spec in self.batches[i]])  # (B, 3, H, W)
+        crops, skipped = [], []
+        for spec in self.batches[i]:
+            crop, passed = self.images.load(spec)
+            crops.append(crop)
+            skipped += passed
+        return torch.stack(crops), skipped

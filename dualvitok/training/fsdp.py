@@ -7,10 +7,11 @@ after, and the rest of the model is the root unit. Memory per process is then ab
 number of processes plus the largest unit, instead of the whole model, its gradients and two Adam moments. The
 frozen tower is sharded too (it has no gradients or optimizer state).
 
-Checkpoints stay single files with full tensors: the model and EMA are gathered onto rank 0
-(``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), the optimizer state is stored by parameter name
-(``get_optimizer_state_dict``); on resume every process loads the file and keeps its own shard. So an FSDP checkpoint
-resumes under FSDP with any number of processes. The discriminator (2.8 M parameters) stays DDP.
+Checkpoints are sharded ``torch.distributed.checkpoint`` folders written by every process (see
+:class:`dualvitok.training.strategy.FSDPStrategy`); the full-state helpers here serve the final ``save_pretrained``
+(gathered onto rank 0 with ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), one-process FSDP runs
+(single files, optimizer state by parameter name) and resuming such a file sharded. The discriminator (2.8 M
+parameters) stays DDP.
 
 Own code around ``torch.distributed.fsdp`` and ``torch.distributed.checkpoint.state_dict``.
 """

@@ -162,9 +162,11 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
     assert len(held) == 2 and all(local < 0.6 * total for local, total in held), held  # each holds about half
     assert sum(local for local, _ in held) >= held[0][1]
     _run_cli(["train", "--config", "two.yaml", "--output", "split", "--no-progress", "--max-steps", "2"], 2, tmp_path)
-    state = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint-00000002.pt")
-    assert state["parallel"] == "fsdp"
-    assert all(not hasattr(v, "device_mesh") for v in state["model"].values())  # full tensors, loadable anywhere
+    sharded = tmp_path / "split" / "checkpoints" / "checkpoint-00000002"  # torch.distributed.checkpoint folder
+    state = load_checkpoint(sharded / "trainer_state.pt")
+    assert state["parallel"] == "fsdp" and "model" not in state and "optimizer" not in state  # tensors in shards
+    shards = sorted(p.stat().st_size for p in sharded.glob("__*_0.distcp"))
+    assert len(shards) == 2 and shards[0] > 0.3 * sum(shards), shards  # each rank wrote its own part
     _run_cli(["train", "--config", "two.yaml", "--output", "split", "--no-progress", "--resume"], 2, tmp_path)
 
     r1, r2, r3 = records(tmp_path / "out1"), records(tmp_path / "out2"), records(tmp_path / "split")
@@ -184,6 +186,10 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
     assert d1.norm() > 0.01
     assert (d1 - d2).norm() / d1.norm() < 1e-3, ((d1 - d2).norm() / d1.norm()).item()
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    from dualvitok.loading import load_model  # a sharded checkpoint loads on one process (EMA weights = final/)
+
+    from_shards = load_model(tmp_path / "split" / "checkpoints" / "checkpoint-00000004").state_dict()
+    assert all(torch.equal(w3[k], from_shards[k]) for k in w3)
 
 
 def test_fsdp_config_on_one_process_and_refusals(tmp_path):
