@@ -83,6 +83,11 @@ class HubFiles:
         kind = "folder" if self.is_local else "Hub repo"
         return f"{kind} {self.source!r}" + (f" (subfolder {self.subfolder!r})" if self.subfolder else "")
 
+    @property
+    def offline_reason(self) -> str | None:
+        """Why only the local cache was used (offline mode, no connection), or None when the Hub answered."""
+        return self._offline_reason
+
     def _repo_path(self, filename: str) -> str:
         return f"{self.subfolder}/{filename}" if self.subfolder else filename
 

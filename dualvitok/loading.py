@@ -27,6 +27,10 @@ def load_demo(device: str | torch.device = "cpu", **kwargs):
     return DualViTok.from_pretrained(demo_model_path(), **kwargs).to(resolve_device(device))
 
 
+ALIASES = {"tiny": "dualvitok_tiny"}
+"""Short names accepted by ``--model`` (the unified commands' ``tiny`` is the tiny unified model around it)."""
+
+
 def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu", **kwargs):
     """Load a DualViTok.
 
@@ -44,9 +48,15 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     if spec is None or (str(spec) in DEMO_NAMES and not os.path.isdir(spec)):
         return load_demo(device, **kwargs)
     device = resolve_device(device)
-    if str(spec) in list_models() and not os.path.isdir(spec):
-        logger.warning("building %s with RANDOM weights (a registered architecture, not a checkpoint)", spec)
-        return create_model(str(spec)).to(device).eval()
+    name = ALIASES.get(str(spec), str(spec)) if not os.path.exists(spec) else str(spec)
+    if name in list_models() and not os.path.isdir(spec):
+        logger.warning("building %s with RANDOM weights (a registered architecture, not a checkpoint)", name)
+        return create_model(name).to(device).eval()
+    if not os.path.exists(spec) and "/" not in str(spec):
+        raise FileNotFoundError(
+            f"unknown model {str(spec)!r}: not a folder or file here, not a registered architecture and not a Hub "
+            f"repo id (owner/name); registered: {', '.join(list_models())}; the bundled demo: 'demo' "
+            "(aliases: " + ", ".join(f"{a!r} = {n}" for a, n in ALIASES.items()) + ")")
     if os.path.exists(spec):  # a training run folder or checkpoint (dualvitok.training.run_model)
         from .training.run_model import load_run_model
 

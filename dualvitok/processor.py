@@ -222,13 +222,14 @@ class ImageProcessor:
         if source.is_file():
             path = source
         else:
-            from .hub import _Resolver
+            from ._hubfiles import HubFiles
 
-            resolver = _Resolver(pretrained_model_name_or_path, revision, cache_dir, token, local_files_only)
-            found = resolver.find(PROCESSOR_CONFIG_NAME)
+            files = HubFiles(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                             local_files_only=local_files_only)
+            found = files.find(PROCESSOR_CONFIG_NAME)
             if found is None:
-                if resolver.offline_misses:
-                    raise resolver.not_found(PROCESSOR_CONFIG_NAME)
+                if files.offline_reason is not None:
+                    raise files.not_found(PROCESSOR_CONFIG_NAME)
                 logger.info("no %s in %s: using the default ImageProcessor settings", PROCESSOR_CONFIG_NAME,
                             pretrained_model_name_or_path)
                 return cls()

@@ -83,6 +83,7 @@ def test_encode_folder_matches_direct_encoding_and_resumes(setup, sample_image_p
     header = shard_metadata(sorted(out.glob("tokens-*.safetensors"))[0])
     meta = json.loads((out / "meta.json").read_text())
     assert header["model_sha256"] == meta["model_sha256"] and header["count"] == 2
+    assert meta["model"] == str((tmp_path / "model").resolve()) == header["model"]  # decode may run elsewhere
     assert header["pixel_codebook_size"] == 512 and header["pixel_grids"] == [[2, 2]]
     assert header["sources"] == [r["path"] for r in read_index(out)[:2]]
     # a second run adds only new images, with --resume

@@ -354,3 +354,22 @@ def test_offline_load_from_the_hub_cache_and_subfolders(saved, tmp_path, image):
     with pytest.raises(OSError, match=r"local_files_only=True \(tok/config.json"):
         DualViTok.from_pretrained("owner/cached", subfolder="tok", revision="v2", cache_dir=tmp_path / "cache",
                                   local_files_only=True)
+
+
+def test_unknown_model_names_are_refused_without_asking_the_hub(monkeypatch):
+    from dualvitok.loading import load_model
+
+    def no_hub(*args, **kwargs):  # pragma: no cover - must not be reached
+        raise AssertionError("asked the Hub for a name that cannot be a repo id")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"unknown model 'nonexistent'.*dualvitok_tiny.*'demo'"):
+        load_model("nonexistent")
+
+
+def test_tiny_is_the_tiny_architecture(caplog):
+    from dualvitok.loading import load_model
+
+    model = load_model("tiny")
+    assert model.config == load_model("dualvitok_tiny").config
+    assert "RANDOM weights" in caplog.text

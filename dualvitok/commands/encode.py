@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from .._utils.io import json_path
 from . import _args
 from ._args import dtype_of
 
@@ -70,7 +72,7 @@ def build_meta(args: argparse.Namespace, model, fingerprint: str) -> dict:
     from ..tokens import FORMAT, FORMAT_VERSION
     from ..version import __version__
 
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": str(args.model),
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": _model_name(args.model),
             "model_sha256": fingerprint, "semantic_codebook_size": model.semantic_quantizer.codebook_size,
             "pixel_codebook_size": model.pixel_quantizer.codebook_size,
             "size_policy": {"size": list(args.size) if args.size else None, "max_pixels": args.max_pixels,
@@ -152,6 +154,13 @@ def _clean_stale_ranks(out: Path, world: int) -> None:
             logger.warning("rank %d of another encode job is writing into %s; its files are left alone", rank, out)
 
 
+def _model_name(spec) -> str:
+    """The ``--model`` as recorded: a local folder or file by its absolute path (decode may run elsewhere)."""
+    if spec is not None and os.path.exists(spec):
+        return json_path(os.path.abspath(spec))
+    return str(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     from .._utils.distributed import init_distributed, shutdown_distributed
     from ..devices import resolve_device
@@ -221,7 +230,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
             ImageItems(units, source.containers, processor), batch_size=args.batch_size,
             num_workers=args.num_workers, collate_fn=collate_samples,
             prefetch_factor=2 if args.num_workers else None)
-        header = {"model": str(args.model), "model_sha256": fingerprint,
+        header = {"model": _model_name(args.model), "model_sha256": fingerprint,
                   "semantic_codebook_size": str(meta["semantic_codebook_size"]),
                   "pixel_codebook_size": str(meta["pixel_codebook_size"]),
                   "dualvitok_version": meta["dualvitok_version"]}
@@ -279,7 +288,6 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
             encoded = sum(g["encoded"] for g in gathered)
             import json
 
-            from .._utils.io import json_path
 
             lines = [json.dumps({"path": json_path(s["path"]), "reason": json_path(s["reason"])}) + "\n"
                      for s in all_skipped]
