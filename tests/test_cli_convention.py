@@ -81,3 +81,22 @@ def test_refiner_flag_without_an_attached_refiner_fails_before_generating():
     assert attach_refiner(model, None) is model
     with pytest.raises(ValueError, match="--refiner PATH"):
         attach_refiner(model, "attached")
+
+
+def test_reconstruct_takes_folders_and_refuses_directories_named_like_images(tmp_path, sample_image_paths, capsys):
+    import shutil
+
+    from dualvitok.cli import main
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(sample_image_paths[0], folder / "sub" / "a.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    code = main(["reconstruct", str(folder), "--model", "dualvitok_tiny", "--output", str(tmp_path / "out"),
+                 "--size", "32", "32"])
+    captured = capsys.readouterr()
+    assert code == 0 and "| a.png | 32x32 |" in captured.out and "broken.jpg" in captured.err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_reconstruction.png"]
+    (tmp_path / "x.jpg").mkdir()
+    assert main(["reconstruct", str(tmp_path / "x.jpg"), "--model", "dualvitok_tiny"]) == 1
+    assert "is a directory, not an image file" in capsys.readouterr().err

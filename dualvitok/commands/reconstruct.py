@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
 from .._utils import save_image
+from .._utils.files import has_image_suffix, scan_images
 from ..devices import resolve_device
 from ._args import add_device, add_dtype, add_model, add_output, dtype_of, positive_int
 
@@ -19,7 +21,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("reconstruct", help="encode + decode images with a DualViTok and save the results",
                               description="Round trip images through a DualViTok. Without arguments: the bundled demo "
                                           "model on the bundled sample photos.")
-    p.add_argument("images", nargs="*", help="image files (default: the bundled sample photos)")
+    p.add_argument("images", nargs="*", help="image files or folders (default: the bundled sample photos)")
     add_model(p)
     add_output(p, "reconstructions")
     p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics.psnr import psnr  # pure torch: needs no optional dependency
     from ..processor import ImageProcessor
 
-    paths = [Path(p) for p in args.images] or sample_images()
+    paths = _inputs(args.images) if args.images else sample_images()
     names = output_names(paths)
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
@@ -66,8 +68,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     print("| image | size | semantic tokens | pixel tokens | PSNR (dB) |\n|---|---|---|---|---|")
+    skipped = []
     for path, name in zip(paths, names, strict=True):
-        x = processor(path).to(device)
+        try:
+            x = processor(path).to(device)
+        except (OSError, ValueError) as e:  # unreadable or unsupported image: say so and go on
+            skipped.append(f"{path}: {e}")
+            continue
         with torch.inference_mode():
             enc = model.encode(x)
             recon = model.decode_indices(enc.semantic_indices, enc.pixel_indices)
@@ -77,4 +84,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"| {path.name} | {h}x{w} | {enc.semantic_indices[0].numel()} | {enc.pixel_indices[0].numel()} "
               f"| {psnr(restored / 255.0, original / 255.0).item():.2f} |")
     print(f"\nreconstructions written to {out_dir}/")
-    return 0
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable: " + "; ".join(skipped), file=sys.stderr)
+    return 0 if len(skipped) < len(paths) else 1
+
+
+def _inputs(items: list[str]) -> list[Path]:
+    """Image files and folders (scanned with the library's one suffix list) -> files, checked before any work."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir() and not has_image_suffix(path.name):
+            found = scan_images(path)
+            if not found.files:
+                raise FileNotFoundError(f"no image files under {path}")
+            paths += found.files
+        elif path.is_file():
+            paths.append(path)
+        elif path.is_dir():
+            raise ValueError(f"{path} is a directory, not an image file")
+        else:
+            raise FileNotFoundError(f"image file not found: {path}")
+    return paths
