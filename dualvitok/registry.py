@@ -131,5 +131,5 @@ def _tiny(z_sem: int = 8, z_pix: int = 8, ch: int = 32) -> DualViTokConfig:
 
 @register_model
 def dualvitok_tiny() -> DualViTokConfig:
-    """A tiny DualViTok (the layout of ``../shared/conformance``): 2-block tower, ch 32, codebooks 256 / 512."""
+    """A tiny DualViTok (the conformance fixtures' layout): 2-block tower, ch 32, codebooks 256 / 512."""
     return _tiny()

@@ -1,6 +1,6 @@
 """A timm vision transformer (e.g. SigLIP) as DualViTok's frozen semantic tower, in place of the Qwen2-VL tower.
 
-Own code (the ILLUME+ reference only supports its Qwen2-VL tower). Selected with
+The ILLUME+ reference only supports its Qwen2-VL tower. Selected with
 ``DualViTokConfig.semantic_encoder.timm_model = "<timm model name>"``; the head, quantizer and decoders stay the same.
 The tower takes the Qwen2-VL patch input that :class:`dualvitok.semantic.SemanticPreprocessor` produces (so the
 semantic resize to multiples of 28 and the token grid ``(Hs/28, Ws/28)`` are unchanged), reassembles the image,

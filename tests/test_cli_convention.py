@@ -23,6 +23,8 @@ def test_every_option_has_help_text():
         for action in sub._actions:
             if action.option_strings and action.help != "==SUPPRESS==":
                 assert action.help, f"dualvitok {name} {action.option_strings} has no help text"
+                if action.default not in (None, False, [], "==SUPPRESS=="):
+                    assert "default" in action.help.lower(), f"dualvitok {name} {action.option_strings}: no default"
 
 
 @pytest.mark.parametrize("command", ["reconstruct", "generate", "edit", "chat"])

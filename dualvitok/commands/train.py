@@ -1,6 +1,6 @@
 """``dualvitok train``: train or fine-tune a DualViTok from a YAML config (single process or under ``torchrun``).
 
-Own code; see :mod:`dualvitok.training.trainer`. Flags follow the library's CLI convention
+See :mod:`dualvitok.training.trainer`. Flags follow the library's CLI convention
 (:mod:`dualvitok.commands._args`); each one given replaces the matching config key.
 """
 

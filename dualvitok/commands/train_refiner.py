@@ -1,6 +1,6 @@
 """``dualvitok train-refiner``: train (or fine-tune) the diffusion refiner on an image folder.
 
-Own design (the ILLUME+ refiner training code is not released); see :mod:`dualvitok.refiner.trainer`.
+The ILLUME+ refiner training code is not released; see :mod:`dualvitok.refiner.trainer`.
 """
 
 from __future__ import annotations

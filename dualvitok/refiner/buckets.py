@@ -1,6 +1,6 @@
 """Aspect-ratio buckets for refiner training: every image goes to the supported output size of closest aspect ratio.
 
-Own design (the ILLUME+ refiner training code is not released); it follows the usual SDXL bucketing practice: an image
+The ILLUME+ refiner training code is not released; it follows the usual SDXL bucketing practice: an image
 is resized to cover its bucket's size and center-cropped, and every batch holds images of one bucket. The batch order
 is a pure function of ``(seed, epoch)``, so a resumed run replays exactly the batches a straight run would see.
 """

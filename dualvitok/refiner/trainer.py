@@ -1,6 +1,6 @@
 """Refiner training loop: frozen tokenizer and VAE, trained UNet, aspect-ratio buckets, exact resume, torchrun.
 
-Own design (the ILLUME+ refiner training code is not released). It shares the run toolkit of the tokenizer trainer
+The ILLUME+ refiner training code is not released. It shares the run toolkit of the tokenizer trainer
 (:mod:`dualvitok.training.run`): warm-up schedule, seeding, ``checkpoints/checkpoint-<step>.pt`` files written
 atomically and rotated (a corrupt newest one falls back to the previous with a warning), ``metrics.jsonl``, the
 output-folder lock, skipped-image accounting with a cap. Checkpoints hold the UNet, its EMA, optimizer, LR schedule,

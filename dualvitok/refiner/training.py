@@ -1,6 +1,6 @@
 """Refiner training objective: denoising loss conditioned on (perturbed) DualViTok codes of the 2x-downsampled image.
 
-Own design; the ILLUME+ reference released only the inference pipeline (its issue #6). It follows the standard
+The ILLUME+ reference released only the inference pipeline (its issue #6). It follows the standard
 diffusers SDXL fine-tuning recipe (VAE latents x scaling factor, DDPM forward noising with uniformly drawn timesteps,
 MSE on the scheduler's prediction type) with the conditioning of the reference pipeline (see ``conditioning.py``):
 the tokenizer encodes the high-resolution training image downsampled 2x, so the UNet learns the 2x super-resolving

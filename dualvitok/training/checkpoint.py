@@ -1,7 +1,7 @@
 """Training checkpoints that lose nothing: atomic writes, safe loading, RNG state capture.
 
-Own design (no reference counterpart: the ILLUME+ reference saves through accelerate/``torch.save`` and restores no
-RNG state). A checkpoint is a nested dict of tensors, optimizer states, numbers, strings, lists and dicts, written with
+No reference counterpart: the ILLUME+ reference saves through accelerate/``torch.save`` and restores no
+RNG state. A checkpoint is a nested dict of tensors, optimizer states, numbers, strings, lists and dicts, written with
 ``torch.save`` to a temporary file in the destination folder, fsync'ed, then ``os.replace``'d over the target, so a
 run killed mid-write leaves the previous file intact. Files are read with ``torch.load(weights_only=True)``: no pickled
 code is ever executed, which is why RNG states are stored as tensors and plain lists.

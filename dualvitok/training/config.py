@@ -1,6 +1,6 @@
 """Training configuration: a dataclass tree read from YAML (or JSON), with strict keys.
 
-Own design. Field names follow the ILLUME+ training configs where they exist (``disc_start``, ``disc_weight``,
+Field names follow the ILLUME+ training configs where they exist (``disc_start``, ``disc_weight``,
 ``disc_loss``, ``gen_adv_loss``, ``reconstruction_loss``, ``codebook_weight``, ``perceptual_weight``, ``lr``,
 ``betas``, ``ckpt_every`` -> ``checkpoint_every``, ``per_proc_batch_size`` -> ``batch_size``, ...). Configs shipped with
 the package live in ``dualvitok/configs/*.yaml`` and are found by name (``--config tiny_cpu``).

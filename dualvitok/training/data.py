@@ -1,6 +1,6 @@
 """Training images: folders, files, webdataset-style tar shards and the permissively licensed scikit-image photos.
 
-Own design. Images are addressed by index (tar members through their offsets, so shards need no ``webdataset``
+Images are addressed by index (tar members through their offsets, so shards need no ``webdataset``
 package and support exact resume), decoded with :func:`dualvitok.processor.load_image` (robust RGB conversion), and
 cropped deterministically from a per-sample seed (:class:`dualvitok.training.samplers.SampleSpec`): a random-resized
 square or bucket-shaped crop, resized (bicubic, antialiased) to the target size, optional horizontal flip, scaled

@@ -1,6 +1,6 @@
 """Export a training run as the bundled demo model and measure its reconstruction quality on held-out photos.
 
-Own code. ``python -m dualvitok.training.demo RUN_DIR [--output dualvitok/assets/demo_model]`` loads
+``python -m dualvitok.training.demo RUN_DIR [--output dualvitok/assets/demo_model]`` loads
 ``RUN_DIR/final`` (written by the trainer with ``save_pretrained``), stores it in float16 with ``save_pretrained`` (the
 loader casts back to the model's float32 parameters), and prints PSNR / SSIM of 256x256 center crops of the bundled
 sample photos (``dualvitok/assets/images``, never used for training), for both the float32 and the stored weights.

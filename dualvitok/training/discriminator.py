@@ -1,11 +1,11 @@
 """PatchGAN discriminator (``NLayerDiscriminator``) used by the DualViTok training loss.
 
 Follows pix2pix / taming-transformers' ``NLayerDiscriminator`` as configured in ILLUME+ (``disc_type='patchgan'``,
-``disc_dim=64``, ``disc_num_layers=3``; ``../shared/reference/dualvitok.md`` section 6): a 4x4 stride-2 conv with bias
-and LeakyReLU(0.2), ``n_layers - 1`` further stride-2 convs without bias + BatchNorm + LeakyReLU, one stride-1 conv
-block, and a final stride-1 conv to one logit per patch. Weights are initialised N(0, 0.02), BatchNorm weights
-N(1, 0.02). Written independently from that description.
-"""
+``disc_dim=64``, ``disc_num_layers=3``; illume-unified-mllm/ILLUME_plus,
+``vision_tokenizer/tokenizer/discriminator_patchgan.py``): a 4x4 stride-2 conv with bias and LeakyReLU(0.2),
+``n_layers - 1`` further stride-2 convs without bias + BatchNorm + LeakyReLU, one stride-1 conv block, and a final
+stride-1 conv to one logit per patch. Weights are initialised N(0, 0.02), BatchNorm weights N(1, 0.02). Written
+independently from that description."""
 
 from __future__ import annotations
 

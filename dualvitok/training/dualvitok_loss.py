@@ -1,6 +1,6 @@
 """``DualViTokLoss``: the generator and discriminator objectives of DualViTok training.
 
-Follows ILLUME+ ``tokenizer/vq_loss.py: DualViTokLoss`` (``../shared/reference/dualvitok.md`` sections 2.6 and 6):
+Follows ILLUME+ ``DualViTokLoss`` (illume-unified-mllm/ILLUME_plus, ``vision_tokenizer/tokenizer/vq_loss.py``):
 
     L_gen = w_rec * rec(x, x_hat) + w_p * mean(LPIPS(x, x_hat)) + adopt_weight(w_d, step, disc_start) * lambda * g_adv
             + w_cb * commit_pix + w_sem * (w_sem_cb * commit_sem + w_sem_rec * mean(1 - cos(target, sem_rec)))

@@ -13,7 +13,7 @@ Checkpoints are sharded ``torch.distributed.checkpoint`` folders written by ever
 (single files, optimizer state by parameter name) and resuming such a file sharded. The discriminator (2.8 M
 parameters) stays DDP.
 
-Own code around ``torch.distributed.fsdp`` and ``torch.distributed.checkpoint.state_dict``.
+Built on ``torch.distributed.fsdp`` and ``torch.distributed.checkpoint.state_dict``.
 """
 
 from __future__ import annotations

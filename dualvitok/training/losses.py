@@ -1,12 +1,11 @@
 """Loss terms of DualViTok training, as plain functions.
 
-Follows ILLUME+ ``tokenizer/vq_loss.py`` (taming-transformers lineage), described in
-``../shared/reference/dualvitok.md`` section 6: L1/L2 reconstruction, hinge / non-saturating ("vanilla") discriminator
-losses, hinge / non-saturating generator losses, ``adopt_weight`` (0 before ``disc_start``), the adaptive weight
-``||grad rec|| / ||grad g_adv||`` on the decoder's last layer, and the semantic cosine loss
-``mean(1 - cos(target, reconstruction))`` over tokens (the reference's ``cosine_embedding_loss`` with margin 1e-4 on
-positive pairs is exactly that). Written independently; names follow the reference.
-"""
+Follows ILLUME+ (illume-unified-mllm/ILLUME_plus, ``vision_tokenizer/tokenizer/vq_loss.py``; taming-transformers
+lineage): L1/L2 reconstruction, hinge / non-saturating ("vanilla") discriminator losses, hinge / non-saturating
+generator losses, ``adopt_weight`` (0 before ``disc_start``), the adaptive weight ``||grad rec|| / ||grad g_adv||``
+on the decoder's last layer, and the semantic cosine loss ``mean(1 - cos(target, reconstruction))`` over tokens (the
+reference's ``cosine_embedding_loss`` with margin 1e-4 on positive pairs is exactly that). Written independently;
+names follow the reference."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Loss-curve PNG and reconstruction grids, drawn with Pillow (no plotting library needed).
 
-Own code. ``plot_loss_curve`` reads ``metrics.jsonl`` records and draws each requested key against ``step`` (raw
+``plot_loss_curve`` reads ``metrics.jsonl`` records and draws each requested key against ``step`` (raw
 values faint, a moving average solid) with axes labels; files are written atomically.
 """
 

@@ -17,7 +17,7 @@ One place for each job of a training run that is not the model's own step:
 * :func:`checkpoint_wrapped` / :func:`apply_activation_checkpointing` -- ``torch.utils.checkpoint`` around chosen
   blocks, applied from outside (the blocks carry no flag).
 
-The DDP-vs-FSDP strategy lives in :mod:`dualvitok.training.strategy`. Own code.
+The DDP-vs-FSDP strategy lives in :mod:`dualvitok.training.strategy`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 * a sharded FSDP checkpoint folder ``checkpoint-<step>/`` (read on one process with ``torch.distributed.checkpoint``,
   its metadata through an allow-list, tensors with ``weights_only``).
 
-Anything else returns ``None`` so the caller can try other kinds of model specification. Own code.
+Anything else returns ``None`` so the caller can try other kinds of model specification.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Deterministic batch schedules: fixed-resolution batches and aspect-ratio buckets for any-resolution training.
 
-Own design, replacing the reference's resolution-grouped sampler and ``collate_anyres`` (which resizes a batch to its
-smallest short side and transposes portrait images into landscape, ``../shared/reference/dualvitok.md`` section 10.4):
+Replaces the reference's resolution-grouped sampler and ``collate_anyres`` (illume-unified-mllm/ILLUME_plus,
+``vision_tokenizer/dataset``: it resizes a batch to its smallest short side and transposes portrait images):
 here each image is assigned once to the aspect-ratio bucket nearest its own, every bucket has one size with at most
 ``max_pixels`` pixels and sides that are multiples of 16, and portrait images stay portrait. The schedule of an epoch
 is a pure function of ``(seed, stage, epoch)``, so a run resumes at the exact batch and data-parallel ranks split each

@@ -10,7 +10,7 @@
 
 Both give: ``prepare(model)`` (shard, before the optimizer exists), ``wrap(module)`` (the module the forward pass
 calls), ``no_sync(modules)`` (gradient accumulation without all-reduce), ``save``/``load`` of the training state,
-``full_state(model, ema)`` (complete weights on rank 0, for ``final/``). Own code.
+``full_state(model, ema)`` (complete weights on rank 0, for ``final/``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
 """The DualViTok trainer: generator / discriminator updates, DDP or FSDP, progressive resolution, exact resume.
 
-Follows the ILLUME+ training loop (``train_dualvitok.py``; ``../shared/reference/dualvitok.md`` section 6): Adam with
-betas (0.9, 0.95), separate gradient clipping of generator and discriminator, bf16 autocast, constant LR, the loss's
-``global_step`` = optimizer step + 1, and one generator then one discriminator update per iteration. Additions: EMA,
-linear warm-up, progressive resolution stages with aspect-ratio buckets, ``metrics.jsonl`` (one record per optimizer
-step), a loss-curve PNG, periodic reconstructions, and checkpoints that hold everything needed to continue bit for bit
-on CPU (model, discriminator, both optimizers and schedulers, EMA, step, RNG states, data position), written atomically.
-The plumbing shared with the refiner trainer (schedule, seeding, checkpoint folder, metrics, skipped images, overrides,
-activation checkpointing) is :mod:`dualvitok.training.run`; DDP vs FSDP is a :mod:`dualvitok.training.strategy`
-object. Own code.
-"""
+Follows the ILLUME+ training loop (illume-unified-mllm/ILLUME_plus,
+``vision_tokenizer/tokenizer/train_dualvitok.py``): Adam with betas (0.9, 0.95), separate gradient clipping of
+generator and discriminator, bf16 autocast, constant LR, the loss's ``global_step`` = optimizer step + 1, and one
+generator then one discriminator update per iteration. Additions: EMA, linear warm-up, progressive resolution stages
+with aspect-ratio buckets, ``metrics.jsonl`` (one record per optimizer step), a loss-curve PNG, periodic
+reconstructions, and checkpoints that hold everything needed to continue bit for bit on CPU (model, discriminator,
+both optimizers and schedulers, EMA, step, RNG states, data position), written atomically. The plumbing shared with
+the refiner trainer (schedule, seeding, checkpoint folder, metrics, skipped images, overrides, activation
+checkpointing) is :mod:`dualvitok.training.run`; DDP vs FSDP is a :mod:`dualvitok.training.strategy` object."""
 
 from __future__ import annotations
 
