@@ -31,8 +31,8 @@ def test_package_cites_upstream_repositories_not_local_paths():
 
 def test_declared_core_dependencies_are_imported():
     import re
-    import tomllib
 
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower().replace("-", "_") for d in deps}
     modules = {"pillow": "PIL", "huggingface_hub": "huggingface_hub"}
