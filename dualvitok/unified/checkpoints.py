@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,3 +191,37 @@ def _load_illume_layout(cls, path: Path, vision_tokenizer, dtype, refiner) -> Un
         model.vision_tower = DualVisionTower.from_dualvitok(vq)
         _load_adapters(model, {k: v for k, v in model.vision_tower.state_dict().items()}, projector)
     return model
+
+
+class UnifiedCheckpointMixin:
+    """``save_pretrained`` / ``from_pretrained`` of :class:`~dualvitok.unified.UnifiedMLLM` (this library's layout
+    and the released ILLUME+ layout); mixed into the model class, so this module never imports it."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write this library's layout (see ``docs/unified.md``): ``unified_config.json``, ``language_model/``
+        (LLM + tokenizer, Hugging Face format), ``vision_adapters.safetensors``, ``vision_tokenizer/``."""
+        return save_unified(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *,
+                        vision_tokenizer: DualViTok | str | os.PathLike | None = None,
+                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                        refiner: Callable | None = None, **hub_kwargs) -> UnifiedMLLM:
+        """Load this library's layout or the released ILLUME+ (origin-format) layout.
+
+        Args:
+            pretrained_model_name_or_path: a folder or a Hub repo id (e.g. ``ILLUME-MLLM/illume_plus-qwen2_5-3b``).
+            vision_tokenizer: the DualViTok for decoding (instance, folder, Hub id or registered name). Our layout
+                ships one; for ILLUME+ checkpoints it defaults to ``ILLUME-MLLM/dualvitok``.
+            dtype: dtype of the language model (e.g. ``torch.bfloat16``); the vision modules stay float32.
+                ``torch_dtype`` is a deprecated alias.
+            device: where to put everything.
+            refiner: optional diffusion decoder callable.
+            hub_kwargs: ``revision``, ``subfolder``, ``cache_dir``, ``force_download``, ``token``,
+                ``local_files_only`` for ``snapshot_download``.
+        """
+        from .._weights import dtype_keyword
+
+        dtype = dtype_keyword(dtype, hub_kwargs.pop("torch_dtype", None), "UnifiedMLLM.from_pretrained")
+        model = load_unified(cls, pretrained_model_name_or_path, vision_tokenizer, dtype, refiner, **hub_kwargs)
+        return model.to(device).eval()

@@ -14,7 +14,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from ..model import DualViTok
 from ..processor import ImageInput, ImageProcessor, load_image
 from .adapters import DualVisionTower, MixedProjector
 from .anchors import PaddingBox, nearest_anchor, pad_to_size
+from .checkpoints import UnifiedCheckpointMixin
 from .config import UnifiedConfig
 from .constraints import ImageBlockConstraint
 from .generation import generate_tokens, left_pad
@@ -79,7 +79,7 @@ class ImageGenerationOutput:
         return pils
 
 
-class UnifiedMLLM(nn.Module):
+class UnifiedMLLM(UnifiedCheckpointMixin, nn.Module):
     """Unified understanding / generation / editing model.
 
     Args:
@@ -347,36 +347,3 @@ class UnifiedMLLM(nn.Module):
         device = next(self.vision_tokenizer.parameters()).device
         images = self.vision_tokenizer.decode_indices(semantic_indices.to(device), pixel_indices.to(device))
         return images.clamp(-1, 1)
-
-    # ------------------------------------------------------------------------------------ saving / loading
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write this library's layout (see ``docs/unified.md``): ``unified_config.json``, ``language_model/``
-        (LLM + tokenizer, Hugging Face format), ``vision_adapters.safetensors``, ``vision_tokenizer/``."""
-        from .checkpoints import save_unified
-
-        return save_unified(self, save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *,
-                        vision_tokenizer: DualViTok | str | os.PathLike | None = None,
-                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                        refiner: Callable | None = None, **hub_kwargs) -> UnifiedMLLM:
-        """Load this library's layout or the released ILLUME+ (origin-format) layout.
-
-        Args:
-            pretrained_model_name_or_path: a folder or a Hub repo id (e.g. ``ILLUME-MLLM/illume_plus-qwen2_5-3b``).
-            vision_tokenizer: the DualViTok for decoding (instance, folder, Hub id or registered name). Our layout
-                ships one; for ILLUME+ checkpoints it defaults to ``ILLUME-MLLM/dualvitok``.
-            dtype: dtype of the language model (e.g. ``torch.bfloat16``); the vision modules stay float32.
-                ``torch_dtype`` is a deprecated alias.
-            device: where to put everything.
-            refiner: optional diffusion decoder callable.
-            hub_kwargs: ``revision``, ``subfolder``, ``cache_dir``, ``force_download``, ``token``,
-                ``local_files_only`` for ``snapshot_download``.
-        """
-        from .._weights import dtype_keyword
-        from .checkpoints import load_unified
-
-        dtype = dtype_keyword(dtype, hub_kwargs.pop("torch_dtype", None), "UnifiedMLLM.from_pretrained")
-        model = load_unified(cls, pretrained_model_name_or_path, vision_tokenizer, dtype, refiner, **hub_kwargs)
-        return model.to(device).eval()
