@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .._utils.distributed import DistInfo, all_gather_json, all_reduce_mean, init_distributed
+from .._utils.distributed import DistInfo, all_reduce_mean, init_distributed
 from .._utils.locking import output_lock
 from ..devices import resolve_device
 from ..training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
@@ -313,12 +313,7 @@ class RefinerTrainer:
         return batches[self.batch_in_epoch:]
 
     def _account_skipped(self, skipped: list) -> None:
-        if self.dist.enabled:
-            count = all_reduce_mean(torch.tensor([float(len(skipped))], dtype=torch.float64), self.dist)
-            if float(count) > 0:
-                skipped = [tuple(item) for part in all_gather_json([list(s) for s in skipped]) for item in part]
-        if skipped:
-            self.skipped.update(skipped)
+        self.skipped.update_all_ranks(skipped, self.dist)
 
     def train(self, save_pipeline: bool = True) -> RefinerTrainResult:
         """Train until ``config.steps``, checkpointing every ``checkpoint_every`` steps and at the end."""

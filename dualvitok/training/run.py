@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .._utils import atomic_write
+from .._utils.distributed import all_gather_json, all_reduce_mean
 from .._utils.io import json_path
 
 logger = logging.getLogger(__name__)
@@ -255,6 +256,16 @@ class SkippedImages:
         for item in items:
             self.add(*item)
         self.check()
+
+    def update_all_ranks(self, items: list[tuple[int, str, str]], dist_info) -> None:
+        """:meth:`update` with this step's unreadable images of every rank (one all-reduce; a gather only when
+        some rank skipped), so all ranks see the same count and stop together past the cap."""
+        if dist_info.enabled:
+            count = all_reduce_mean(torch.tensor([float(len(items))], dtype=torch.float64), dist_info)
+            if float(count) > 0:
+                items = [tuple(item) for part in all_gather_json([list(s) for s in items]) for item in part]
+        if items:
+            self.update(items)
 
     def check(self) -> None:
         fraction = len(self.seen) / self.total

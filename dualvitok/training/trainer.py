@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._utils import atomic_write
-from .._utils.distributed import DistInfo, all_gather_json, all_reduce_mean, init_distributed
+from .._utils.distributed import DistInfo, all_reduce_mean, init_distributed
 from .._utils.locking import output_lock
 from ..configuration import DualViTokConfig
 from ..devices import resolve_device
@@ -292,13 +292,7 @@ class Trainer:
                 state = {"stage": stage, "epoch": state["epoch"] + 1, "batch": 0}
 
     def _account_skipped(self, skipped: list) -> None:
-        """Record this step's unreadable images of every rank; all ranks stop together past the cap."""
-        if self.dist.enabled:
-            count = all_reduce_mean(torch.tensor([float(len(skipped))], dtype=torch.float64), self.dist)
-            if float(count) > 0:
-                skipped = [tuple(item) for part in all_gather_json([list(s) for s in skipped]) for item in part]
-        if skipped:
-            self.skipped.update(skipped)
+        self.skipped.update_all_ranks(skipped, self.dist)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _training_state(self) -> dict[str, Any]:
