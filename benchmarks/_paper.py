@@ -18,7 +18,6 @@ import copy
 import datetime
 import json
 import math
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import machine
 from PIL import Image
 
 from dualvitok._utils import atomic_write
@@ -243,18 +243,6 @@ def verdict(claimed_better: list[float], other: list[float], higher_is_better: b
     if np.mean(a) > np.mean(b):
         return "mean only (seeds overlap)"
     return "does not hold"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, 1 thread"
 
 
 def write_results(name: str, args: argparse.Namespace, markdown: str, records: list[dict[str, Any]],

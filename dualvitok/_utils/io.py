@@ -103,10 +103,10 @@ def json_path(path: str | os.PathLike) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def save_image(image: Any, path: str | os.PathLike) -> Path:
-    """Save a PIL image atomically; the format comes from the suffix (PNG when there is none)."""
+def save_image(image: Any, path: str | os.PathLike, format: str | None = None) -> Path:
+    """Save a PIL image atomically; the format is ``format``, else the suffix's (PNG when there is none)."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    fmt = format or path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
     with atomic_write(path) as tmp:
         image.save(tmp, format=fmt)
     return path

@@ -7,7 +7,6 @@ values faint, a moving average solid) with axes labels; files are written atomic
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,7 +22,7 @@ COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     """Save a PNG atomically (the package's one image writer, :func:`dualvitok._utils.save_image`)."""
-    save_image(image, Path(path).with_suffix(".png") if not Path(path).suffix else path)
+    save_image(image, path, format="PNG")
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
