@@ -135,7 +135,13 @@ def worker(args: argparse.Namespace) -> None:
                            "reconstruction": recon.float().contiguous()},
                           str(work / f"out_{args.worker}_{size}_{batch}.safetensors"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"path": args.worker, "runs": results, "peak_rss": peak}), flush=True)
+    # this machine's GEMM peaks, measured right after this path's timings (on a shared host they drift)
+    sys.path.insert(0, str(HERE))
+    from _common import gemm_peak
+
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+    print("RESULT " + json.dumps({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks}),
+          flush=True)
 
 
 def make_weights(args: argparse.Namespace) -> None:
@@ -161,6 +167,14 @@ def make_weights(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
+def _bf16_support() -> str:
+    sys.path.insert(0, str(HERE.parent))
+    from dualvitok.inference import cpu_bf16_support
+
+    return cpu_bf16_support()
+
+
+
 def _run(cmd: list[str], env: dict | None = None) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -287,6 +301,7 @@ def main() -> None:
 
     times: dict[tuple, list[float]] = {}
     rss: dict[str, int] = {}
+    measured_peaks = {k: [v] for k, v in peaks.items()}
     for r in range(args.rounds):
         for path in PATHS:
             python, env = ((args.reference_python, _reference_env(args)) if path == "reference"
@@ -294,6 +309,8 @@ def main() -> None:
             out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
                        + (["--save-outputs"] if r == 0 else []), env=env)
             rss[path] = max(rss.get(path, 0), out["peak_rss"])
+            for k, v in out["gemm_peaks"].items():
+                measured_peaks.setdefault(k, []).append(v)
             for run in out["runs"]:
                 for stage in ("encode", "decode"):
                     times.setdefault((path, run["size"], run["batch"], stage), []).append(run[stage])
@@ -303,6 +320,9 @@ def main() -> None:
                   + ", ".join(f"{x['size']}x{x['batch']} {x['encode'] + x['decode']:.2f}s" for x in out["runs"]),
                   flush=True)
 
+    # "% of peak": best time against the highest peak measured during the run (both are the machine at its quietest)
+    peak_range = {k: (min(v), statistics.median(v), max(v)) for k, v in measured_peaks.items()}
+    peaks = {k: max(v) for k, v in measured_peaks.items()}
     flops = _flops(work, configs)
     rows = []
     for size, batch in configs:
@@ -321,9 +341,12 @@ def main() -> None:
     memory = table(["path", "peak RSS (GiB)"], [[p, f"{rss[p] / 2**30:.2f}"] for p in PATHS])
     quality = table(["size", "batch", "path", "semantic idx = ref", "pixel idx = ref", "PSNR vs ref (dB)",
                      "max abs diff"], _compare(work, configs))
-    report = (f"Machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}; GEMM peak float32 "
-              f"{peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; {args.rounds} interleaved rounds, "
-              f"{args.threads} threads\n\n{timing}\n\n{memory}\n\n{quality}\n")
+    spread = ", ".join(f"{k} {lo / 1e9:,.0f} / {mid / 1e9:,.0f} / {hi / 1e9:,.0f}"
+                       for k, (lo, mid, hi) in peak_range.items())
+    report = (f"Machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 matrix support: "
+              f"{_bf16_support()}; {args.rounds} interleaved rounds, {args.threads} threads\n\n"
+              f"GEMM peak (GFLOP/s; min / median / max of {len(measured_peaks['fp32'])} measurements, one after each "
+              f"path's timings): {spread}. The % columns use the max.\n\n{timing}\n\n{memory}\n\n{quality}\n")
     print("\n" + report)
     if args.output:
         Path(args.output).write_text(report)

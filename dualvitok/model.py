@@ -122,12 +122,16 @@ class DualViTok(HubMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------------ fast path
     def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
-                               exact_indices: bool = True, *, device: str | torch.device | None = None,
-                               compile: bool = False) -> DualViTok:
-        """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`."""
+                               exact_indices: bool | None = None, *, indices: str = "guarded",
+                               device: str | torch.device | None = None, compile: bool = False) -> DualViTok:
+        """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`.
+
+        ``indices``: ``"guarded"`` (default; >= 99% of pixel indices equal the float32 path's), ``"exact"`` (equal)
+        or ``"fast"``."""
         from .inference import optimize_for_inference
 
-        return optimize_for_inference(self, dtype, channels_last, exact_indices, device=device, compile=compile)
+        return optimize_for_inference(self, dtype, channels_last, exact_indices, indices=indices, device=device,
+                                      compile=compile)
 
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:

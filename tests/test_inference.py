@@ -36,10 +36,14 @@ def test_weights_and_layouts(models):
     assert fast.semantic_encoder.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert fast.pixel_decoder.conv_in.weight.dtype == torch.bfloat16
     assert fast.pixel_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    # float32: quantizers and (exact_indices) the encoders in front of the quantizers
+    # float32: quantizers, the semantic head and the pixel encoder's residual stream ("guarded" indices)
     assert fast.pixel_quantizer.code_transform.weight.dtype == torch.float32
-    assert fast.pixel_encoder.conv_in.weight.dtype == torch.float32
-    assert fast.pixel_encoder.conv_in.weight.is_contiguous()  # exact indices: the float32 path's layout and kernels
+    encoder = fast.pixel_encoder
+    assert encoder.conv_in.weight.dtype == torch.float32 and encoder.conv_out.weight.dtype == torch.float32
+    for level, dtype in ((0, torch.bfloat16), (1, torch.bfloat16), (2, torch.float32)):
+        block = encoder.down[level].block[0]
+        assert block.conv1.weight.dtype == block.conv2.weight.dtype == block.norm2.weight.dtype == dtype
+        assert block.norm1.weight.dtype == torch.float32  # it reads the float32 stream
     assert fast.semantic_encoder.proj_out[0].weight.dtype == torch.float32
     assert fast.semantic_encoder.model.blocks[0].norm1.weight.dtype == torch.bfloat16  # tower natively bf16
     # the pixel decoder runs natively in bf16, norms included
@@ -73,7 +77,67 @@ def _quality_guard(reference, fast, paths, exact_pixels: bool = True) -> None:
 
 
 def test_quality_guard_on_real_photos(models, sample_image_paths):
-    _quality_guard(*models, sample_image_paths)
+    _quality_guard(*models, sample_image_paths, exact_pixels=False)
+
+
+def test_exact_indices_keep_the_pixel_tokens(reference_model, sample_image_paths):
+    """``indices="exact"``: the pixel encoder stays float32 in the float32 layout, so pixel tokens are identical."""
+    fast = _optimized(reference_model, indices="exact")
+    assert fast.pixel_encoder.conv_in.weight.is_contiguous()  # the float32 path's layout and kernels
+    assert fast.pixel_encoder.down[0].block[0].conv1.weight.dtype == torch.float32
+    assert fast.inference_plan.kept_float32["pixel encoder"] == "indices='exact'"
+    _quality_guard(reference_model, fast, sample_image_paths, exact_pixels=True)
+
+
+def _pixel_guard(reference, fast, images) -> tuple[float, float]:
+    """(share of pixel indices equal, mean reconstruction PSNR in dB) of ``fast`` against ``reference``."""
+    equal = total = 0
+    psnrs = []
+    for x in images:
+        with torch.inference_mode():
+            a, b = reference(x), fast(x)
+        equal += int((a.encoding.pixel_indices == b.encoding.pixel_indices).sum())
+        total += a.encoding.pixel_indices.numel()
+        psnrs.append(10 * math.log10(4.0 / (a.reconstruction - b.reconstruction).pow(2).mean().item()))
+    return equal / total, sum(psnrs) / len(psnrs)
+
+
+def test_guarded_pixel_encoder_on_conformance_weights(reference_model, conformance_dir, sample_image_paths):
+    """The quality guard of the guarded plan (bf16 residual branches in the pixel encoder): on the conformance
+    weights (the reference's own cases and the bundled photos), >= 99% of pixel indices equal float32's and the
+    reconstructions are >= 40 dB apart from float32's. The plan is taken as on a CPU with AMX (every stage in bf16)."""
+    from safetensors.torch import load_file
+
+    fast = _optimized(reference_model)
+    assert fast.inference_plan.stage_dtypes[inference.PIXEL_BRANCHES] == "bfloat16"
+    images = [load_file(str(p))["image"] for p in sorted(conformance_dir.glob("case*.safetensors"))]
+    processor = ImageProcessor(size=(256, 256))
+    images += [processor(p) for p in sample_image_paths]
+    equal, psnr = _pixel_guard(reference_model, fast, images)
+    assert equal >= 0.99, f"only {equal:.2%} of pixel indices equal float32's"
+    assert psnr >= 40.0, psnr
+    exact = _optimized(reference_model, indices="exact")
+    assert _pixel_guard(reference_model, exact, images[:1])[0] == 1.0  # the guard can tell the modes apart: exact
+
+
+@pytest.mark.slow
+def test_guarded_pixel_encoder_on_the_released_architecture(sample_image_paths):
+    """The same guard on the released architecture (1.35 B parameters) with seeded random weights, at 256x256."""
+    torch.manual_seed(0)
+    reference = create_model("dualvitok_anyres_max512").eval().requires_grad_(False)
+    fast = _optimized(reference)
+    processor = ImageProcessor(size=(256, 256))
+    equal, psnr = _pixel_guard(reference, fast, [processor(p) for p in sample_image_paths[:4]])
+    assert equal >= 0.99, f"only {equal:.2%} of pixel indices equal float32's"
+    assert psnr >= 40.0, psnr
+
+
+def test_indices_mode_is_checked(tiny_model):
+    with pytest.raises(ValueError, match="indices='approximate'.*guarded, exact, fast"):
+        _optimized(tiny_model, indices="approximate")
+    with pytest.warns(DeprecationWarning, match="indices='exact'"):
+        plan = _optimized(tiny_model, exact_indices=True).inference_plan
+    assert plan.indices == "exact" and inference.PIXEL_BRANCHES not in plan.stage_dtypes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,7 +157,7 @@ def test_quality_guard_on_cuda(reference_model, sample_image_paths):
 
 
 def test_fast_path_without_exact_indices_runs(reference_model):
-    fast = _optimized(reference_model, exact_indices=False, channels_last=False)
+    fast = _optimized(reference_model, indices="fast", channels_last=False)
     assert fast.pixel_encoder.conv_in.weight.dtype == torch.bfloat16
     with torch.inference_mode():
         out = fast(torch.rand(1, 3, 64, 64) * 2 - 1)
@@ -109,10 +173,12 @@ def _forbid_onednn(monkeypatch):
 
 def test_cuda_plan_uses_plain_operators_bf16_and_channels_last(tiny_model, monkeypatch):
     """The CUDA plan, selected on CPU: bf16 stages, channels_last, in-place variants without the oneDNN operator."""
-    fast = _optimized(tiny_model, support="none", device="cuda")  # the CPU rule does not apply to CUDA
+    fast = _optimized(tiny_model, support="none", device="cuda", indices="exact")  # the CPU rule does not apply
     plan = fast.inference_plan
     assert plan.device_type == "cuda" and not plan.fuse_conv and not plan.kept_float32.keys() - {
         "semantic head", "pixel encoder"}
+    guarded = _optimized(tiny_model, support="none", device="cuda").inference_plan
+    assert guarded.stage_dtypes[inference.PIXEL_BRANCHES] == "bfloat16"
     assert fast.pixel_decoder.conv_in.weight.dtype == torch.bfloat16
     assert fast.pixel_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     variants = [m for m in fast.modules() if isinstance(m, InferenceVariant)]
@@ -156,7 +222,8 @@ def test_small_models_stay_float32_without_amx(tiny_model, caplog, support, expe
         fast = _optimized(tiny_model, support=support)
     dtypes = fast.inference_plan.stage_dtypes
     converted = {n for n, d in dtypes.items() if d != "float32"}
-    assert converted == ({"vision tower", "semantic decoder", "pixel decoder"} if expect_bf16 else set())
+    assert converted == ({"vision tower", "semantic decoder", "pixel decoder", inference.PIXEL_BRANCHES}
+                         if expect_bf16 else set())
     assert (fast.pixel_decoder.conv_in.weight.dtype == torch.bfloat16) == expect_bf16
     if not expect_bf16:
         assert "pixel decoder (" in caplog.text and "float32" in caplog.text  # says what it kept, and why
@@ -168,8 +235,9 @@ def test_released_architecture_uses_bf16_on_avx512_bf16():
     meta = create_model("dualvitok_anyres_max512", device="meta")
     plan = _optimized(meta, support="avx512_bf16", device="cpu").inference_plan
     assert plan.stage_dtypes == {"vision tower": "bfloat16", "semantic head": "float32", "pixel encoder": "float32",
-                                 "semantic decoder": "bfloat16", "pixel decoder": "bfloat16"}
-    assert plan.kept_float32 == {"semantic head": "exact_indices=True", "pixel encoder": "exact_indices=True"}
+                                 "semantic decoder": "bfloat16", "pixel decoder": "bfloat16",
+                                 inference.PIXEL_BRANCHES: "bfloat16"}  # pixel encoder width 128: wide enough
+    assert plan.kept_float32 == {"semantic head": "indices='guarded'", "pixel encoder": "indices='guarded'"}
     rule = inference.low_precision_reason
     assert rule(inference.MIN_BF16_WIDTH, "cpu", torch.bfloat16) is None or inference.cpu_bf16_support() == "none"
     assert rule(8, "cuda", torch.bfloat16) is None

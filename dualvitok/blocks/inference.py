@@ -70,15 +70,28 @@ class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
 
 
 class InferenceResnetBlock2d(InferenceVariant, ResnetBlock2d):
-    """:class:`ResnetBlock2d` whose residual addition is fused into ``conv2``; **the output overwrites** ``x``."""
+    """:class:`ResnetBlock2d` whose residual addition is fused into ``conv2``; **the output overwrites** ``x``.
+
+    **Mixed precision** (the fast path's "guarded" pixel encoder): when ``conv1``/``conv2``/``norm2`` hold another
+    dtype than ``norm1`` (bf16 against float32), the residual branch computes in that dtype while the residual
+    stream stays float32: ``norm1`` reads the float32 ``x``, its activation is cast once to the branch dtype, and
+    ``conv2``'s output is added into the float32 ``x`` (``nin_shortcut`` stays with the stream). The rounding then
+    touches only the branch's contribution, never the accumulated stream.
+    """
 
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
         if torch.is_grad_enabled():
             return super().forward(x, zq)
-        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq), inplace=True))
+        h = F.silu(apply_norm(self.norm1, x, zq), inplace=True)
+        branch = self.conv1.weight.dtype
+        if h.dtype != branch:  # mixed precision: the branch in its own dtype, the stream as it is
+            h = h.to(branch)
+        h = self.conv1(h)
         h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=True))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
+        if h.dtype != x.dtype:
+            return x.add_(self.conv2(h))  # the float32 stream += the bf16 branch (promoted in the addition)
         return self.conv_add(self.conv2, h, x)  # x + conv2(h), written into x
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .._utils.io import json_path
+from ..inference import INDEX_MODES
 from . import _args
 from ._args import dtype_of
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # meta.json fields a resume must match (the model is identified by the sha256 of its weights, not its name or path)
 CHECKED = ("format_version", "model_sha256", "semantic_codebook_size", "pixel_codebook_size", "size_policy", "dtype",
-           "dualvitok_version")
+           "indices", "dualvitok_version")
 
 
 def add_parser(subparsers) -> None:
@@ -40,8 +41,12 @@ def add_parser(subparsers) -> None:
     _args.add_model(p)
     _args.add_device(p)
     _args.add_dtype(p, default="bfloat16",
-              help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference.optimize_for_inference: "
-                   "pixel indices equal float32's), float32 the reference path")
+              help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference.optimize_for_inference; "
+                   "see --indices), float32 the reference path")
+    p.add_argument("--indices", choices=INDEX_MODES, default="guarded",
+                   help="fast path only: how the encoders in front of the quantizers run: guarded (>= 99%% of pixel "
+                        "indices equal float32's, faster), exact (pixel indices equal float32's) or fast (default: "
+                        "guarded)")
     _args.add_batch_size(p, 8)
     _args.add_num_workers(p)
     _args.add_resume(p)
@@ -77,7 +82,8 @@ def build_meta(args: argparse.Namespace, model, fingerprint: str) -> dict:
             "pixel_codebook_size": model.pixel_quantizer.codebook_size,
             "size_policy": {"size": list(args.size) if args.size else None, "max_pixels": args.max_pixels,
                             "min_pixels": 32 * 32, "factor": 16},
-            "dtype": args.dtype, "fast_path": args.dtype != "float32", "dualvitok_version": __version__}
+            "dtype": args.dtype, "fast_path": args.dtype != "float32",
+            "indices": args.indices if args.dtype != "float32" else None, "dualvitok_version": __version__}
 
 
 def _our_files(out: Path) -> list[Path]:
@@ -223,7 +229,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
 
             keep_freed_cpu_memory()
         if args.dtype != "float32":
-            model.optimize_for_inference(dtype=dtype_of(args.dtype))
+            model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices)
         logger.info("encoding with %s stages (--dtype %s)", _stage_dtype(model), args.dtype)
         processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
         loader = torch.utils.data.DataLoader(

@@ -1,0 +1,77 @@
+"""Is the fast path ever slower than float32? Every registered architecture (and the demo) at small and usual sizes.
+
+    python benchmarks/bench_fast_vs_fp32.py                                  # demo, tiny, released; 64/128/256
+    python benchmarks/bench_fast_vs_fp32.py --models demo --sizes 32 64 --rounds 7 --output out.md
+
+For each model (seeded random weights, or the bundled demo's) and size (batch 1), the float32 path and the fast path
+(``optimize_for_inference()``, the plan this CPU gets) encode and decode the same photo in interleaved rounds after a
+warm-up; the table gives the best and median time of each and the fast/float32 ratio (above 1: the fast path is
+faster), with the stages the plan converted. ``dualvitok_fix256`` has the released architecture's widths, so it is
+not timed separately. This is the measurement behind the "never slower than float32" rule of
+:mod:`dualvitok.inference` and the size rule of ``dualvitok encode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from _common import machine, table
+
+from dualvitok import ImageProcessor
+from dualvitok.assets import sample_images
+from dualvitok.inference import cpu_bf16_support
+from dualvitok.loading import load_model
+
+
+def _call(model, x):
+    enc = model.encode(x)
+    model.decode_indices(enc.semantic_indices, enc.pixel_indices)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["demo", "dualvitok_tiny", "dualvitok_anyres_max512"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (default: 5)")
+    parser.add_argument("--output", default=None, help="write the Markdown table here too")
+    args = parser.parse_args()
+
+    rows = []
+    photo = sample_images()[0]
+    for name in args.models:
+        torch.manual_seed(0)
+        fp32 = load_model(name).eval().requires_grad_(False)
+        fast = copy.deepcopy(fp32).optimize_for_inference()
+        converted = ", ".join(n for n, d in fast.inference_plan.stage_dtypes.items() if d != "float32") or "none"
+        for size in args.sizes:
+            x = ImageProcessor(size=(size, size))(photo)
+            times = {"fp32": [], "fast": []}
+            with torch.inference_mode():
+                for model in (fp32, fast):
+                    _call(model, x)  # warm-up (oneDNN primitives for these shapes)
+                for _ in range(args.rounds):
+                    for path, model in (("fp32", fp32), ("fast", fast)):
+                        t0 = time.perf_counter()
+                        _call(model, x)
+                        times[path].append(time.perf_counter() - t0)
+            best = {k: min(v) for k, v in times.items()}
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append([name, f"{size}x{size}", f"{best['fp32'] * 1e3:,.1f}", f"{best['fast'] * 1e3:,.1f}",
+                         f"**{best['fp32'] / best['fast']:.2f}x** / {med['fp32'] / med['fast']:.2f}x", converted])
+            print(rows[-1], flush=True)
+    report = (f"Machine: {machine()}; CPU bf16 matrix support: {cpu_bf16_support()}; batch 1, {args.rounds} "
+              f"interleaved rounds after a warm-up\n\n"
+              + table(["model", "size", "fp32 ms (best)", "fast ms (best)", "fast vs fp32 (best / median)",
+                       "stages in bf16"], rows) + "\n")
+    print("\n" + report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
