@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the Markdown tables here too")
     parser.add_argument("--quick", action="store_true",
                         help="the tiny conformance-size config, 64x1 and 64x2, 1 round (checks the set-up)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the tables from --work's runs.jsonl (e.g. of an interrupted run) without timing")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--make-weights", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-outputs", action="store_true", help=argparse.SUPPRESS)
@@ -276,6 +278,8 @@ def main() -> None:
                     pixel_drop_rate=None, pixel_drop_batch_rate=0.1, pixel_noise_type="random")
         args.configs, args.rounds = "64x1,64x2", 1
     configs = [[int(v) for v in c.lower().split("x")] for c in args.configs.split(",")]
+    if args.report_only and not args.work:
+        parser.error("--report-only needs the --work folder of the run")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_reference_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.quick and not args.reference_config:
@@ -293,32 +297,42 @@ def main() -> None:
           f"GEMM peak: float32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     script = [str(Path(__file__).resolve())]
     common = ["--reference-src", args.reference_src, "--work", str(work), "--threads", str(args.threads)]
-    made = _run([args.reference_python, *script, "--make-weights", *common, "--seed", str(args.seed)]
-                + (["--reference-config", args.reference_config] if args.reference_config else []),
-                env=_reference_env(args))
-    print(f"reference weights: {made['tensors']} tensors, {made['params']:,} elements", flush=True)
-    _save_inputs(work, sorted({s for s, _ in configs}), max(b for _, b in configs))
-
+    log = work / "runs.jsonl"  # every worker's result as it comes: --report-only rebuilds the tables from it
+    if not args.report_only:
+        made = _run([args.reference_python, *script, "--make-weights", *common, "--seed", str(args.seed)]
+                    + (["--reference-config", args.reference_config] if args.reference_config else []),
+                    env=_reference_env(args))
+        print(f"reference weights: {made['tensors']} tensors, {made['params']:,} elements", flush=True)
+        _save_inputs(work, sorted({s for s, _ in configs}), max(b for _, b in configs))
+        log.unlink(missing_ok=True)
+        for r in range(args.rounds):
+            for path in PATHS:
+                python, env = ((args.reference_python, _reference_env(args)) if path == "reference"
+                               else (sys.executable, _our_env(args)))
+                out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
+                           + (["--save-outputs"] if r == 0 else []), env=env)
+                with open(log, "a") as f:
+                    f.write(json.dumps({**out, "round": r}) + "\n")
+                print(f"round {r + 1}/{args.rounds} {path}: "
+                      + ", ".join(f"{x['size']}x{x['batch']} {x['encode'] + x['decode']:.2f}s" for x in out["runs"]),
+                      flush=True)
+    outs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not {o["path"] for o in outs} >= set(PATHS):
+        raise SystemExit(f"{log} has no complete round: run without --report-only first")
+    rounds = len({o["round"] for o in outs})
     times: dict[tuple, list[float]] = {}
     rss: dict[str, int] = {}
-    measured_peaks = {k: [v] for k, v in peaks.items()}
-    for r in range(args.rounds):
-        for path in PATHS:
-            python, env = ((args.reference_python, _reference_env(args)) if path == "reference"
-                           else (sys.executable, _our_env(args)))
-            out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
-                       + (["--save-outputs"] if r == 0 else []), env=env)
-            rss[path] = max(rss.get(path, 0), out["peak_rss"])
-            for k, v in out["gemm_peaks"].items():
-                measured_peaks.setdefault(k, []).append(v)
-            for run in out["runs"]:
-                for stage in ("encode", "decode"):
-                    times.setdefault((path, run["size"], run["batch"], stage), []).append(run[stage])
-                times.setdefault((path, run["size"], run["batch"], "encode+decode"), []).append(
-                    run["encode"] + run["decode"])
-            print(f"round {r + 1}/{args.rounds} {path}: "
-                  + ", ".join(f"{x['size']}x{x['batch']} {x['encode'] + x['decode']:.2f}s" for x in out["runs"]),
-                  flush=True)
+    measured_peaks: dict[str, list[float]] = {} if args.report_only else {k: [v] for k, v in peaks.items()}
+    for out in outs:
+        path = out["path"]
+        rss[path] = max(rss.get(path, 0), out["peak_rss"])
+        for k, v in out["gemm_peaks"].items():
+            measured_peaks.setdefault(k, []).append(v)
+        for run in out["runs"]:
+            for stage in ("encode", "decode"):
+                times.setdefault((path, run["size"], run["batch"], stage), []).append(run[stage])
+            times.setdefault((path, run["size"], run["batch"], "encode+decode"), []).append(
+                run["encode"] + run["decode"])
 
     # "% of peak": best time against the highest peak measured during the run (both are the machine at its quietest)
     peak_range = {k: (min(v), statistics.median(v), max(v)) for k, v in measured_peaks.items()}
@@ -344,7 +358,7 @@ def main() -> None:
     spread = ", ".join(f"{k} {lo / 1e9:,.0f} / {mid / 1e9:,.0f} / {hi / 1e9:,.0f}"
                        for k, (lo, mid, hi) in peak_range.items())
     report = (f"Machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 matrix support: "
-              f"{_bf16_support()}; {args.rounds} interleaved rounds, {args.threads} threads\n\n"
+              f"{_bf16_support()}; {rounds} interleaved rounds, {args.threads} threads\n\n"
               f"GEMM peak (GFLOP/s; min / median / max of {len(measured_peaks['fp32'])} measurements, one after each "
               f"path's timings): {spread}. The % columns use the max.\n\n{timing}\n\n{memory}\n\n{quality}\n")
     print("\n" + report)

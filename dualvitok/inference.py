@@ -29,11 +29,12 @@ key:
   to float32; the fast path adds channels_last for the inputs of its convolutional stages. So
   ``DualViTok.encode``/``decode`` contain no dtype or layout code, and every output is float32.
 
-**Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions (as measured on an Intel Xeon with
-AMX-BF16: see the README). On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain
-operators (never the oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the
-model already uses it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also
-compiled with ``torch.compile``. No plan changes process-wide settings (the glibc tuning of
+**Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions where a one-time measurement on this
+CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`).
+On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
+oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
+it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with
+``torch.compile``. No plan changes process-wide settings (the glibc tuning of
 :func:`dualvitok.devices.keep_freed_cpu_memory` is a separate, CPU-only opt-in).
 
 **Never slower than float32.** bf16 pays only where the CPU has native bf16 matrix instructions and the stage is
@@ -59,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .blocks import fused
 from .blocks.inference import swap_inference_blocks
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,9 @@ class InferencePlan:
         stage_dtypes: stage name -> dtype it computes in (``"bfloat16"``, ``"float32"``).
         kept_float32: stage name -> why it stays float32.
         channels_last: 2D convolutions and their inputs in channels_last.
-        fuse_conv: the oneDNN convolution + addition operator is used (CPU plan only).
+        fuse_conv: the oneDNN convolution + addition operator is used (CPU plan only, where a one-time measurement
+            on this CPU finds it at least as fast as the separate operators:
+            :func:`dualvitok.blocks.fused.fused_conv_add_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
     """
@@ -213,7 +217,8 @@ def install_stage_casts(model: nn.Module) -> None:
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                            exact_indices: bool | None = None, *, indices: str = "guarded",
-                           device: str | torch.device | None = None, compile: bool = False):
+                           device: str | torch.device | None = None, compile: bool = False,
+                           fuse_conv: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
@@ -227,6 +232,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             the float32 path's; ``"exact"`` all float32, pixel indices equal; ``"fast"`` all in ``dtype``.
         device: the device plan to use (``"cpu"``, ``"cuda"``, ...); default: the device of the model's weights.
         compile: also compile the stages with ``torch.compile`` (meant for CUDA; the first calls then compile).
+        fuse_conv: CPU plan: use the oneDNN convolution + addition operator (``True``), not (``False``), or measure
+            once which is faster on this CPU (``None``, default; :func:`dualvitok.blocks.fused.fused_conv_add_pays`).
 
     The plan taken is kept as ``model.inference_plan`` (:class:`InferencePlan`). Calling this twice does nothing
     the second time. The model can no longer be trained in this state; reload it for training.
@@ -278,6 +285,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         else:
             plan.stage_dtypes[PIXEL_BRANCHES] = "float32"
             plan.kept_float32[PIXEL_BRANCHES] = reason
+    if plan.fuse_conv and fuse_conv is None:  # one-time measured choice on this CPU (pixel decoder width and dtype)
+        decoder_dtype = next(model.pixel_decoder.parameters()).dtype
+        plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)
+    elif plan.fuse_conv:
+        plan.fuse_conv = bool(fuse_conv)
     swap_inference_blocks(model, fuse_conv=plan.fuse_conv)  # replaced parts reach the branches (DualViTok.__setattr__)
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,

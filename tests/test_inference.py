@@ -206,7 +206,7 @@ def test_cpu_plan_uses_onednn_fusion(tiny_model, monkeypatch):
     calls = []
     original = fused._mkldnn_op
     monkeypatch.setattr(fused, "_mkldnn_op", lambda inplace: calls.append(inplace) or original(inplace))
-    fast = _optimized(tiny_model, device="cpu")
+    fast = _optimized(tiny_model, device="cpu", fuse_conv=True)
     assert fast.inference_plan.fuse_conv
     with torch.inference_mode():
         fast(torch.rand(1, 3, 64, 64) * 2 - 1)
@@ -270,3 +270,16 @@ def test_save_pretrained_refuses_rounded_weights(tiny_model, tmp_path):
     loaded = DualViTok.from_pretrained(tmp_path / "exact")
     original = tiny_model.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_cpu_fusion_follows_the_measured_choice(tiny_model, monkeypatch, measured):
+    """The CPU plan asks the one-time measurement (at the pixel decoder's width and dtype) unless told."""
+    asked = []
+    monkeypatch.setattr(fused, "fused_conv_add_pays", lambda ch, dtype: asked.append((ch, dtype)) or measured)
+    fast = _optimized(tiny_model, device="cpu")
+    assert asked == [(tiny_model.config.pixel_decoder.ch, torch.bfloat16)]
+    assert fast.inference_plan.fuse_conv is measured
+    assert all(m.fuse_conv is measured for m in fast.modules() if isinstance(m, InferenceVariant))
+    forced = _optimized(tiny_model, device="cpu", fuse_conv=False)
+    assert not forced.inference_plan.fuse_conv and len(asked) == 1  # told: not measured

@@ -106,3 +106,53 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
         logger.warning("fused convolution + addition unavailable for %s (%s); using separate operators", kind, err)
         return residual + conv(x)
 
+
+
+_fusion_choices: dict[tuple, bool] = {}  # (dtype, channels, ISA) -> measured choice, once per process
+
+
+def fused_conv_add_pays(channels: int, dtype: torch.dtype, size: int = 96, rounds: int = 5,
+                        tolerance: float = 0.10) -> bool:
+    """Whether :func:`conv2d_add` is about as fast as ``residual.add_(conv(x))`` or faster on this CPU: a one-time
+    measured choice (up to about 0.5 s at 384 channels, cached per process for each ``(dtype, channels)``).
+
+    It times a 3x3 ``channels -> channels`` convolution with its residual addition at ``size x size`` (batch 1,
+    channels_last) both ways, interleaved, best of ``rounds`` after a warm-up, and keeps the fused operator unless it
+    is more than ``tolerance`` slower (on a shared machine single timings move by more than the difference).
+    ``False`` where the operator is unavailable. The fused operator does one pass instead of two over a
+    full-resolution map; whether that pays depends on the CPU's kernels (it does on an Intel Xeon with AMX), so it
+    is measured rather than assumed.
+    """
+    import time
+
+    key = (dtype, channels, torch.backends.cpu.get_cpu_capability())
+    if key in _fusion_choices:
+        return _fusion_choices[key]
+    conv = nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last).eval()
+    x = torch.randn(1, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn_like(x)
+    if not _can_fuse(conv, x, residual, True):
+        _fusion_choices[key] = False
+        return False
+    best = {"fused": float("inf"), "plain": float("inf")}
+    with torch.inference_mode():
+        try:
+            runs = {"fused": lambda: _mkldnn_op(inplace=True)(residual, x, conv.weight, conv.bias, [1, 1], [1, 1],
+                                                              [1, 1], 1, "add", None, None, [], None),
+                    "plain": lambda: residual.add_(conv(x))}
+            for fn in runs.values():
+                fn()
+            for _ in range(rounds):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        except RuntimeError as err:
+            logger.info("fused convolution + addition unavailable (%s); using separate operators", err)
+            _fusion_choices[key] = False
+            return False
+    choice = best["fused"] <= (1 + tolerance) * best["plain"]
+    _fusion_choices[key] = choice
+    logger.info("fused convolution + addition (%s, %d channels): %.2f ms fused vs %.2f ms separate: %s", dtype,
+                channels, best["fused"] * 1e3, best["plain"] * 1e3, "fused" if choice else "separate operators")
+    return choice

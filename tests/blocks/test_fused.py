@@ -277,3 +277,30 @@ def test_cuda_plan_variants_never_call_onednn(monkeypatch):
         fast = _fused_copy(block, torch.float32, True, fuse_conv=False)
         with torch.inference_mode():
             torch.testing.assert_close(fast(_cl(x.clone(), True), *args), block(x, *args), rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_a_measured_choice_cached_per_process(monkeypatch):
+    """fused_conv_add_pays times the oneDNN operator against the separate ones: a slower fused operator is refused,
+    and the choice is measured once per (dtype, channels)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN is not available in this build")
+    import time
+
+    monkeypatch.setattr(fused, "_fusion_choices", {})
+    original = fused._mkldnn_op
+    calls = []
+
+    def slow_op(inplace):
+        def op(*args):
+            calls.append(1)
+            time.sleep(0.02)  # far slower than a 16-channel 96x96 convolution + addition
+            return original(inplace)(*args)
+        return op
+
+    monkeypatch.setattr(fused, "_mkldnn_op", slow_op)
+    assert fused.fused_conv_add_pays(16, torch.float32) is False
+    n = len(calls)
+    assert n >= 6  # warm-up + 5 rounds
+    assert fused.fused_conv_add_pays(16, torch.float32) is False and len(calls) == n  # cached: not measured again
+    monkeypatch.setattr(fused, "_mkldnn_op", original)
+    assert fused.fused_conv_add_pays(24, torch.float32, tolerance=10.0) is True  # another key: measured, kept
