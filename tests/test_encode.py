@@ -335,3 +335,19 @@ def test_deprecated_fp32_flag_means_dtype_float32(setup, caplog):
     _, _, out, args = setup
     assert main([*args, "--fp32", "--limit", "2"]) == 0
     assert json.loads((out / "meta.json").read_text())["dtype"] == "float32" and "use --dtype float32" in caplog.text
+
+
+def test_ranks_agree_on_the_measured_fusion_choice(tiny_model, monkeypatch):
+    """Under torchrun each rank measures the fused kernel once; encode makes every rank use rank 0's choice."""
+    import copy
+
+    from dualvitok._utils import distributed
+    from dualvitok.blocks.inference import InferenceVariant
+    from dualvitok.commands import encode
+
+    model = copy.deepcopy(tiny_model).optimize_for_inference(fuse_conv=True)
+    monkeypatch.setattr(distributed, "all_gather_json", lambda obj: [False, obj])  # rank 0 measured "separate"
+    encode._agree_on_fusion(model)
+    assert model.inference_plan.fuse_conv is False
+    variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
+    assert variants and not any(m.fuse_conv for m in variants)

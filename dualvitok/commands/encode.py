@@ -68,6 +68,21 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _agree_on_fusion(model) -> None:
+    """Every rank uses rank 0's measured choice of the fused convolution + addition, so that the same image gets the
+    same tokens on any rank (the two kernels round differently in bf16)."""
+    from .._utils.distributed import all_gather_json
+    from ..blocks.inference import InferenceVariant
+
+    choice = all_gather_json(model.inference_plan.fuse_conv)[0]
+    if choice != model.inference_plan.fuse_conv:
+        logger.info("using rank 0's choice of the fused convolution + addition (%s)", choice)
+        model.inference_plan.fuse_conv = choice
+        for module in model.modules():
+            if isinstance(module, InferenceVariant):
+                module.fuse_conv = choice
+
+
 def _stage_dtype(model) -> str:
     return str(next(model.pixel_decoder.parameters()).dtype).replace("torch.", "")
 
@@ -230,6 +245,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
             keep_freed_cpu_memory()
         if args.dtype != "float32":
             model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices)
+            _agree_on_fusion(model)
         logger.info("encoding with %s stages (--dtype %s)", _stage_dtype(model), args.dtype)
         processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
         loader = torch.utils.data.DataLoader(
