@@ -12,10 +12,10 @@ key:
   encoders in front of the quantizers (pixel encoder + ``pixel_quant_conv``, semantic head) decide the indices;
   ``indices`` says how they run:
 
-  - ``"guarded"`` (default): the **residual branches** of the pixel encoder's two full- and half-resolution levels
-    (``conv1``, ``norm2``, ``conv2`` of each ResNet block there, about 70% of its FLOPs; :data:`GUARDED_LEVELS`)
-    compute in bf16 while its residual stream, the norms reading it, the shortcuts, the DC downsampling, the lower
-    levels, the middle block, ``conv_out``, ``pixel_quant_conv`` and the semantic head stay float32. At least 99%
+  - ``"guarded"`` (default): the **residual branches** of the pixel encoder's full-resolution level (``conv1``,
+    ``norm2``, ``conv2`` of each ResNet block there, about 55% of its FLOPs; :data:`GUARDED_LEVELS`) compute in
+    bf16 while its residual stream, the norms reading it, the shortcuts, the DC downsampling, the lower levels, the
+    middle block, ``conv_out``, ``pixel_quant_conv`` and the semantic head stay float32. At least 99%
     of pixel indices equal the float32 path's (the quality guard, a test on the conformance weights and on the
     released architecture); the flips are near ties.
   - ``"exact"``: the pixel encoder and the semantic head stay float32 in the float32 path's layout, so pixel
@@ -134,13 +134,14 @@ PIXEL_BRANCHES = "pixel encoder residual branches"
 """The plan's name for the bf16 residual branches of the pixel encoder (``indices="guarded"``)."""
 
 
-GUARDED_LEVELS = 2
+GUARDED_LEVELS = 1
 """``indices="guarded"`` converts the residual branches of this many leading down levels of the pixel encoder (the
-full- and half-resolution ones: about 70% of its FLOPs at the released widths). Share of pixel indices equal to
-float32's, measured on an Intel Xeon with AMX: 99.6% / 99.2% on the conformance weights (compact / full set: their
-cases and the bundled photos), against 98.3% / 97.8% with the whole encoder in bf16 (``"fast"``). In a study with
-``conv_in`` also in bf16, branches of 2 levels kept 99.3% on the released architecture with random weights (4 photos,
-256x256) and branches of all 5 levels 98.7%, below the guard."""
+full-resolution one: about 55% of its FLOPs at the released widths). Share of pixel indices equal to float32's,
+measured on an Intel Xeon with AMX (fused kernels): on the released architecture with the reference's seeded random
+weights (benchmarks/bench_reference.py's), 99.1% / 99.2% / 99.0% at 256x256 one by one / batch 8 and at 512x512 with
+1 level, against 98.9% / 99.0% / 99.0% with 2 levels; on the conformance weights 2 levels kept 99.6% / 99.2%
+(compact / full set) and the whole encoder in bf16 (``"fast"``) 98.3% / 97.8%. A study with ``conv_in`` also in bf16
+gave 98.7% for the branches of all 5 levels."""
 
 
 def _pixel_branch_modules(model) -> list[nn.Module]:
