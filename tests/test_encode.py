@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -37,7 +38,7 @@ def setup(tiny_model, tmp_path, sample_image_paths):
     (images / "broken.jpg").write_text("not a jpeg")
     out = tmp_path / "tokens"
     args = ["encode", str(images), "--output", str(out), "--model", str(tmp_path / "model"), "--size", "32", "32",
-            "--batch-size", "2", "--shard-size", "2", "--no-progress",
+            "--batch-size", "2", "--shard-size", "2", "--no-progress", "--dtype", "bfloat16",
             "--default-malloc"]  # keep the test process's allocator settings
     return tmp_path, images, out, args
 
@@ -351,3 +352,16 @@ def test_ranks_agree_on_the_measured_fusion_choice(tiny_model, monkeypatch):
     assert model.inference_plan.fuse_conv is False
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
     assert variants and not any(m.fuse_conv for m in variants)
+
+
+@pytest.mark.parametrize("size, expected", [(["--size", "32", "32"], "float32"), (["--size", "128", "128"], "bfloat16"),
+                                            (["--max-pixels", "4096"], "float32")])
+def test_default_dtype_is_float32_where_the_fast_path_is_not_faster(setup, caplog, size, expected):
+    """Without --dtype: tiny images with a narrow model get float32 (and it says so); larger ones the fast path."""
+    tmp_path, images, out, args = setup
+    base = [a for a in args if a not in ("--dtype", "bfloat16")]
+    base = base[:base.index("--size")] + base[base.index("--size") + 3:]
+    with caplog.at_level(logging.INFO, logger="dualvitok.commands.encode"):
+        assert main([*base, *size, "--limit", "1"]) == 0
+    assert json.loads((out / "meta.json").read_text())["dtype"] == expected
+    assert ("encode faster in float32" in caplog.text) == (expected == "float32")

@@ -40,9 +40,12 @@ def add_parser(subparsers) -> None:
     _args.add_output(p, None, "token folder")
     _args.add_model(p)
     _args.add_device(p)
-    _args.add_dtype(p, default="bfloat16",
-              help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference.optimize_for_inference; "
-                   "see --indices), float32 the reference path")
+    p.add_argument("--dtype", default=None, choices=tuple(_args.DTYPES),
+                   help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference."
+                        "optimize_for_inference; see --indices), float32 the reference path (default: bfloat16, or "
+                        "float32 on CPU where the "
+                        "fast path is not faster: images of at most 64x64 pixels with a model narrower than 128 "
+                        "channels)")
     p.add_argument("--indices", choices=INDEX_MODES, default="guarded",
                    help="fast path only: how the encoders in front of the quantizers run: guarded (>= 99%% of pixel "
                         "indices equal float32's, faster), exact (pixel indices equal float32's) or fast (default: "
@@ -66,6 +69,28 @@ def add_parser(subparsers) -> None:
                         "reuse, see dualvitok.devices.keep_freed_cpu_memory)")
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)  # deprecated: --dtype float32
     p.set_defaults(func=run)
+
+
+SMALL_IMAGE_AREA = 64 * 64
+"""On CPU, images of at most this many pixels are encoded in float32 by default when the model is narrow: there the
+fast path was 0.92-0.98x of float32 for the 32-channel models at 64x64 and 1.5-1.7x at 128x128 (Intel Xeon with AMX,
+``benchmarks/bench_fast_vs_fp32.py``)."""
+
+
+def choose_dtype(args: argparse.Namespace, model, device: torch.device) -> str:
+    """``--dtype`` as given, else ``"bfloat16"`` unless the fast path would not be faster (logged)."""
+    from ..inference import MIN_BF16_WIDTH
+
+    if args.dtype is not None:
+        return args.dtype
+    area = args.size[0] * args.size[1] if args.size else args.max_pixels
+    width = model.config.pixel_decoder.ch
+    if device.type == "cpu" and area <= SMALL_IMAGE_AREA and width < MIN_BF16_WIDTH:
+        logger.info("--dtype float32: images of at most %d pixels with a model of base width %d encode faster in "
+                    "float32 than on the fast path on CPU (benchmarks/bench_fast_vs_fp32.py); pass --dtype bfloat16 "
+                    "to use the fast path anyway", area, width)
+        return "float32"
+    return "bfloat16"
 
 
 def _agree_on_fusion(model) -> None:
@@ -189,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fp32:
         logger.warning("--fp32 is deprecated; use --dtype float32")
         args.dtype = "float32"
-    dtype_of(args.dtype)
+    if args.dtype is not None:
+        dtype_of(args.dtype)
     device = resolve_device(args.device)
     info = init_distributed(device)
     if device.type == "cuda" and info.enabled and device.index is None:
@@ -216,6 +242,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
     source = open_sources(args.inputs, args.image_column, args.limit)  # bad inputs fail before --output is made
     with output_lock(out, "encode", rank=rank):
         model = load_model(args.model, device=device).eval()
+        args.dtype = choose_dtype(args, model, device)
         fingerprint = model_fingerprint(model)
         meta = build_meta(args, model, fingerprint)
         refusal = None
