@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from _common import gemm_peak, machine, table
@@ -30,12 +31,13 @@ from dualvitok.inference import PIXEL_BRANCHES, _stages, cpu_bf16_support
 from dualvitok.loading import load_model
 
 
-class StageTimer:
-    """Forward hooks on each stage's entry and exit module, summing wall time per stage name."""
+class StageMeter:
+    """Forward hooks on each stage's entry and exit module that sum, per stage name, how much ``read()`` grew between
+    them (``time.perf_counter`` for seconds, a ``FlopCounterMode``'s ``get_total_flops`` for FLOPs)."""
 
-    def __init__(self, model):
+    def __init__(self, model, read: Callable[[], float]):
         self.totals: dict[str, float] = {}
-        self._start: dict[str, float] = {}
+        self._read, self._start = read, {}
         self._handles = []
         for stage in _stages(model):
             self._handles.append(stage.entry.register_forward_pre_hook(self._enter(stage.name)))
@@ -43,12 +45,12 @@ class StageTimer:
 
     def _enter(self, name):
         def hook(module, args):
-            self._start[name] = time.perf_counter()
+            self._start[name] = self._read()
         return hook
 
     def _leave(self, name):
         def hook(module, args, output):
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - self._start.pop(name)
+            self.totals[name] = self.totals.get(name, 0) + self._read() - self._start.pop(name)
         return hook
 
     def remove(self):
@@ -57,27 +59,14 @@ class StageTimer:
 
 
 def stage_flops(model, x) -> dict[str, float]:
-    """FLOPs per stage name for the batch ``x`` (float32 modules): the counter's total read at each stage's entry
-    and exit (forward hooks), so a stage's FLOPs are those of the calls between them."""
+    """FLOPs per stage name for the batch ``x`` (float32 modules), with ``"other"`` for the calls between stages."""
     counter = FlopCounterMode(display=False)
-    out: dict[str, float] = {}
-    start: dict[str, int] = {}
-    handles = []
-    for stage in _stages(model):
-        def enter(module, args, name=stage.name):
-            start[name] = counter.get_total_flops()
-
-        def leave(module, args, output, name=stage.name):
-            out[name] = out.get(name, 0) + counter.get_total_flops() - start.pop(name)
-
-        handles += [stage.entry.register_forward_pre_hook(enter), stage.exit.register_forward_hook(leave)]
+    meter = StageMeter(model, counter.get_total_flops)
     with torch.inference_mode(), counter:
         enc = model.encode(x)
         model.decode_indices(enc.semantic_indices, enc.pixel_indices)
-    for h in handles:
-        h.remove()
-    out["other"] = counter.get_total_flops() - sum(out.values())
-    return out
+    meter.remove()
+    return {**meter.totals, "other": counter.get_total_flops() - sum(meter.totals.values())}
 
 
 def profile_path(model, x, repeats: int, top: int):
@@ -85,7 +74,7 @@ def profile_path(model, x, repeats: int, top: int):
     with torch.inference_mode():
         enc = model.encode(x)
         model.decode_indices(enc.semantic_indices, enc.pixel_indices)  # warm-up
-        timer = StageTimer(model)
+        timer = StageMeter(model, time.perf_counter)
         t_enc, t_dec = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .blocks import fused
-from .blocks.inference import swap_inference_blocks
+from .blocks.inference import InferenceVariant, swap_inference_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,27 @@ def install_stage_casts(model: nn.Module) -> None:
         stage.exit.register_forward_hook(_to_float32)
 
 
+def _convert(plan: InferencePlan, name: str, modules: list[nn.Module], dtype: torch.dtype, reason: str | None):
+    """Convert ``modules`` to ``dtype`` and record it as stage ``name`` of ``plan``, or (``reason`` given) record
+    that they stay float32 and why."""
+    if reason is None:
+        for module in modules:
+            module.to(dtype)
+        plan.stage_dtypes[name] = str(dtype).removeprefix("torch.")
+    else:
+        plan.stage_dtypes[name] = "float32"
+        plan.kept_float32[name] = reason
+
+
+def use_fused_conv(model: nn.Module, fuse_conv: bool) -> None:
+    """Switch a prepared model's inference variants to (or off) the oneDNN convolution + addition, e.g. to take
+    another process's measured choice; ``model.inference_plan`` records it."""
+    model.inference_plan.fuse_conv = fuse_conv
+    for module in model.modules():
+        if isinstance(module, InferenceVariant):
+            module.fuse_conv = fuse_conv
+
+
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
@@ -263,13 +284,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             reason = f"indices={indices!r}"
         else:
             reason = low_precision_reason(stage.width, device_type, dtype)
-        if reason is None:
-            for module in stage.modules:
-                module.to(dtype)
-            plan.stage_dtypes[stage.name] = str(dtype).removeprefix("torch.")
-        else:
-            plan.stage_dtypes[stage.name] = "float32"
-            plan.kept_float32[stage.name] = reason
+        _convert(plan, stage.name, stage.modules, dtype, reason)
         # exact indices: the index-deciding float32 stages keep the float32 path's layout too (channels_last picks
         # other convolution kernels, whose float32 sums differ in the last bits and can flip a near-tie index)
         layout = channels_last and stage.convolutional and not (stage.decides_indices and exact)
@@ -280,14 +295,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
             stage.entry.register_forward_pre_hook(_to_channels_last)  # after the dtype cast of install_stage_casts
     if indices == "guarded" and dtype is not None and dtype != torch.float32:
-        reason = low_precision_reason(model.config.pixel_encoder.ch, device_type, dtype)
-        if reason is None:  # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
-            for module in _pixel_branch_modules(model):
-                module.to(dtype)
-            plan.stage_dtypes[PIXEL_BRANCHES] = str(dtype).removeprefix("torch.")
-        else:
-            plan.stage_dtypes[PIXEL_BRANCHES] = "float32"
-            plan.kept_float32[PIXEL_BRANCHES] = reason
+        # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
+        _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype,
+                 low_precision_reason(model.config.pixel_encoder.ch, device_type, dtype))
     if plan.fuse_conv and fuse_conv is None:  # one-time measured choice on this CPU (pixel decoder width and dtype)
         decoder_dtype = next(model.pixel_decoder.parameters()).dtype
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)

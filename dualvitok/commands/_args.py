@@ -44,9 +44,11 @@ def add_device(p: argparse.ArgumentParser) -> None:
                         "(default: auto)")
 
 
-def add_dtype(p: argparse.ArgumentParser, default: str = "float32", help: str | None = None) -> None:
+def add_dtype(p: argparse.ArgumentParser, default: str | None = "float32", help: str | None = None,
+              default_text: str | None = None) -> None:
+    """``--dtype``; ``default_text`` words the default in the help where it is chosen at run time (``default=None``)."""
     p.add_argument("--dtype", default=default, choices=tuple(DTYPES),
-                   help=f"{help or 'compute dtype'} (default: {default})")
+                   help=f"{help or 'compute dtype'} (default: {default_text or default})")
 
 
 def add_num_workers(p: argparse.ArgumentParser, default: int = 0) -> None:

@@ -40,12 +40,11 @@ def add_parser(subparsers) -> None:
     _args.add_output(p, None, "token folder")
     _args.add_model(p)
     _args.add_device(p)
-    p.add_argument("--dtype", default=None, choices=tuple(_args.DTYPES),
-                   help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference."
-                        "optimize_for_inference; see --indices), float32 the reference path (default: bfloat16, or "
-                        "float32 on CPU where the "
-                        "fast path is not faster: images of at most 64x64 pixels with a model narrower than 128 "
-                        "channels)")
+    _args.add_dtype(p, default=None,
+                    help="compute dtype: bfloat16/float16 run the fast path (dualvitok.inference."
+                         "optimize_for_inference; see --indices), float32 the reference path",
+                    default_text="bfloat16, or float32 on CPU where the fast path is not faster: images of at most "
+                                 "64x64 pixels with a model narrower than 128 channels")
     p.add_argument("--indices", choices=INDEX_MODES, default="guarded",
                    help="fast path only: how the encoders in front of the quantizers run: guarded (>= 99%% of pixel "
                         "indices equal float32's, faster), exact (pixel indices equal float32's) or fast (default: "
@@ -97,15 +96,12 @@ def _agree_on_fusion(model) -> None:
     """Every rank uses rank 0's measured choice of the fused convolution + addition, so that the same image gets the
     same tokens on any rank (the two kernels round differently in bf16)."""
     from .._utils.distributed import all_gather_json
-    from ..blocks.inference import InferenceVariant
+    from ..inference import use_fused_conv
 
     choice = all_gather_json(model.inference_plan.fuse_conv)[0]
     if choice != model.inference_plan.fuse_conv:
         logger.info("using rank 0's choice of the fused convolution + addition (%s)", choice)
-        model.inference_plan.fuse_conv = choice
-        for module in model.modules():
-            if isinstance(module, InferenceVariant):
-                module.fuse_conv = choice
+        use_fused_conv(model, choice)
 
 
 def _stage_dtype(model) -> str:
