@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .blocks import fused
+from .blocks import fused, packed
 from .blocks.inference import InferenceVariant, swap_inference_blocks
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class InferencePlan:
         fuse_conv: the oneDNN convolution + addition operator is used (CPU plan only, where a one-time measurement
             on this CPU finds it at least as fast as the separate operators:
             :func:`dualvitok.blocks.fused.fused_conv_add_pays`).
+        pack_linear: the bf16 linear layers compute from prepacked weights (CPU plan only, where a one-time
+            measurement on this CPU finds it at least as fast as ``F.linear``:
+            :func:`dualvitok.blocks.packed.packed_linear_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
     """
@@ -94,6 +97,7 @@ class InferencePlan:
     kept_float32: dict[str, str] = field(default_factory=dict)
     channels_last: bool = True
     fuse_conv: bool = True
+    pack_linear: bool = False
     compiled: bool = False
     indices: str = "guarded"
 
@@ -230,19 +234,30 @@ def _convert(plan: InferencePlan, name: str, modules: list[nn.Module], dtype: to
         plan.kept_float32[name] = reason
 
 
-def use_fused_conv(model: nn.Module, fuse_conv: bool) -> None:
-    """Switch a prepared model's inference variants to (or off) the oneDNN convolution + addition, e.g. to take
-    another process's measured choice; ``model.inference_plan`` records it."""
-    model.inference_plan.fuse_conv = fuse_conv
-    for module in model.modules():
-        if isinstance(module, InferenceVariant):
-            module.fuse_conv = fuse_conv
+KERNEL_CHOICES = ("fuse_conv", "pack_linear")
+"""The plan's measured kernel choices (:class:`InferencePlan` fields), which :func:`use_kernels` sets."""
+
+
+def use_kernels(model: nn.Module, **choices: bool) -> None:
+    """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
+    (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights), e.g. to take
+    another process's measured choices; ``model.inference_plan`` records them."""
+    unknown = set(choices) - set(KERNEL_CHOICES)
+    if unknown:
+        raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
+    for name, value in choices.items():
+        setattr(model.inference_plan, name, bool(value))
+        for module in model.modules():
+            if isinstance(module, InferenceVariant):
+                setattr(module, name, bool(value))
+                if name == "pack_linear" and not value:
+                    module._packed = None  # frees the packed copies
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
-                           fuse_conv: bool | None = None):
+                           fuse_conv: bool | None = None, pack_linear: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
@@ -258,6 +273,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         compile: also compile the stages with ``torch.compile`` (meant for CUDA; the first calls then compile).
         fuse_conv: CPU plan: use the oneDNN convolution + addition operator (``True``), not (``False``), or measure
             once which is faster on this CPU (``None``, default; :func:`dualvitok.blocks.fused.fused_conv_add_pays`).
+        pack_linear: CPU plan: compute the bf16 linear layers (the vision tower's GEMMs) from prepacked weights
+            (``True``; a second copy of those weights, about 1.3 GB for the released tower), not (``False``), or
+            measure once which is faster on this CPU (``None``, default;
+            :func:`dualvitok.blocks.packed.packed_linear_pays`).
 
     The plan taken is kept as ``model.inference_plan`` (:class:`InferencePlan`). Calling this twice does nothing
     the second time. The model can no longer be trained in this state; reload it for training.
@@ -303,7 +322,13 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)
     elif plan.fuse_conv:
         plan.fuse_conv = bool(fuse_conv)
-    swap_inference_blocks(model, fuse_conv=plan.fuse_conv)  # replaced parts reach the branches (DualViTok.__setattr__)
+    tower = _stages(model)[0]  # its GEMMs are the linear layers that count
+    tower_weight = next(tower.entry.parameters())
+    if device_type == "cpu" and not compile and packed.can_pack(tower_weight) and pack_linear is not False:
+        # one-time measured choice on this CPU, at the tower's width and dtype
+        plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
+    # replaced parts reach the branches (DualViTok.__setattr__)
+    swap_inference_blocks(model, fuse_conv=plan.fuse_conv, pack_linear=plan.pack_linear)
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):

@@ -338,20 +338,26 @@ def test_deprecated_fp32_flag_means_dtype_float32(setup, caplog):
     assert json.loads((out / "meta.json").read_text())["dtype"] == "float32" and "use --dtype float32" in caplog.text
 
 
-def test_ranks_agree_on_the_measured_fusion_choice(tiny_model, monkeypatch):
-    """Under torchrun each rank measures the fused kernel once; encode makes every rank use rank 0's choice."""
+def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
+    """Under torchrun each rank measures its kernels once; encode makes every rank use rank 0's choices."""
     import copy
 
+    from dualvitok import inference
     from dualvitok._utils import distributed
-    from dualvitok.blocks.inference import InferenceVariant
+    from dualvitok.blocks.inference import InferenceLinear, InferenceVariant
     from dualvitok.commands import encode
 
-    model = copy.deepcopy(tiny_model).optimize_for_inference(fuse_conv=True)
-    monkeypatch.setattr(distributed, "all_gather_json", lambda obj: [False, obj])  # rank 0 measured "separate"
-    encode._agree_on_fusion(model)
-    assert model.inference_plan.fuse_conv is False
+    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")  # bf16 stages whatever this CPU
+    model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True)
+    gathered = []
+    monkeypatch.setattr(distributed, "all_gather_json",  # rank 0 measured "separate" and "plain"
+                        lambda obj: gathered.append(obj) or [{"fuse_conv": False, "pack_linear": False}, obj])
+    encode._agree_on_kernels(model)
+    assert gathered == [{"fuse_conv": True, "pack_linear": True}]
+    assert model.inference_plan.fuse_conv is False and model.inference_plan.pack_linear is False
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
-    assert variants and not any(m.fuse_conv for m in variants)
+    assert variants and not any(m.fuse_conv or m.pack_linear for m in variants)
+    assert any(isinstance(m, InferenceLinear) for m in variants)
 
 
 @pytest.mark.parametrize("size, expected", [(["--size", "32", "32"], "float32"), (["--size", "128", "128"], "bfloat16"),

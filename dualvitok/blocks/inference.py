@@ -1,4 +1,4 @@
-"""Inference variants of the convolutional blocks: in-place epilogues and residual additions fused into convolutions.
+"""Inference variants of the blocks: in-place epilogues, residual additions fused into convolutions, packed weights.
 
 :func:`dualvitok.inference.optimize_for_inference` swaps these in for the plain blocks (:func:`swap_inference_blocks`).
 A variant is a subclass of its block built from an existing instance: it shares the instance's parameters, buffers
@@ -7,28 +7,35 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
 
 * the residual addition of ``ResnetBlock2d``/``AttnBlock2d`` goes into the last convolution (a oneDNN post-op on
   CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
+* ``nn.Linear`` computes from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is set
+  (:mod:`dualvitok.blocks.packed`);
 * ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
   place (the DC-up shortcut as a broadcast over views, nothing materialised at full size).
 
-So a variant **overwrites its input**: the MoVQ encoder and decoder only pass temporaries they own. While autograd is
-on a variant runs the plain block's ``forward`` (training and gradient checks see the public block). In float32 the
-results equal the plain blocks' (``tests/blocks/test_fused.py``); in bf16 a fused addition rounds once, not twice.
+So a convolutional variant **overwrites its input**: the MoVQ encoder and decoder only pass temporaries they own.
+While autograd is on a variant runs the plain block's ``forward`` (training and gradient checks see the public
+block). In float32 the results equal the plain blocks' (``tests/blocks/test_fused.py``); in bf16 a fused addition
+rounds once, not twice.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import packed
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, channel_average, space_to_channel
 from .fused import add, conv2d_add
 from .movq import MoVQDecoder
 from .norm import SpatialNorm, apply_norm
 from .resnet import ResnetBlock2d
+
+logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -41,9 +48,10 @@ class InferenceVariant(nn.Module):
     """
 
     fuse_conv: bool = True
+    pack_linear: bool = False
 
     @classmethod
-    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True) -> M:
+    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False) -> M:
         """A variant sharing ``module``'s parameters, buffers, submodules and hooks (``module`` is left as it was)."""
         plain = cls.__bases__[-1]  # the block this variant derives from
         if not isinstance(module, plain):
@@ -53,6 +61,7 @@ class InferenceVariant(nn.Module):
         for name in ("_parameters", "_buffers", "_modules"):  # own dicts: swapping children leaves module alone
             variant.__dict__[name] = dict(module.__dict__[name])
         variant.fuse_conv = fuse_conv
+        variant.pack_linear = pack_linear
         return variant
 
     def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
@@ -60,6 +69,37 @@ class InferenceVariant(nn.Module):
         if self.fuse_conv:
             return conv2d_add(conv, x, residual, inplace=True)
         return add(residual, conv(x), inplace=True)
+
+
+class InferenceLinear(InferenceVariant, nn.Linear):
+    """:class:`torch.nn.Linear` computing from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is
+    set (:mod:`dualvitok.blocks.packed`); otherwise, and while autograd is on, the plain ``F.linear``.
+
+    The packed copy is made on the first call (sized for that call's rows) and made again if the weight is replaced
+    (``.to()``, ``load_state_dict``); it is not part of the state dict. Its input is not overwritten.
+    """
+
+    _packed: tuple | None = None  # (weight storage pointer, weight version, packed tensor)
+
+    def _packed_weight(self, x: Tensor) -> Tensor | None:
+        weight = self.weight
+        if not (self.pack_linear and packed.usable(x, weight) and packed.can_pack(weight)):
+            return None
+        stamp = (weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed[:2] != stamp:
+            try:
+                self._packed = (*stamp, packed.pack_weight(weight, x.numel() // x.shape[-1]))
+            except RuntimeError as err:  # an unsupported build or layout: plain F.linear from now on
+                logger.warning("prepacking a %s weight failed (%s); using F.linear", tuple(weight.shape), err)
+                self.pack_linear = False
+                return None
+        return self._packed[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self._packed_weight(x)
+        if weight is None:
+            return F.linear(x, self.weight, self.bias)
+        return packed.packed_linear(x, weight, self.bias)
 
 
 class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
@@ -146,6 +186,7 @@ class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
 
 
 INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
+    nn.Linear: InferenceLinear,
     SpatialNorm: InferenceSpatialNorm,
     ResnetBlock2d: InferenceResnetBlock2d,
     AttnBlock2d: InferenceAttnBlock2d,
@@ -156,17 +197,18 @@ INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
 """Plain block type (exactly) -> its inference variant."""
 
 
-def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True) -> nn.Module:
+def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False) -> nn.Module:
     """Replace, in place and bottom-up, every block of ``module`` (and ``module`` itself) whose type is a key of
     :data:`INFERENCE_VARIANTS` by its variant; returns ``module`` or its replacement.
 
     Args:
         module: any module tree (a MoVQ encoder/decoder, a tokenizer).
         fuse_conv: let the variants use the oneDNN fused convolution (CPU); ``False`` keeps to plain operators.
+        pack_linear: let the bf16 linear layers compute from prepacked weights (CPU, :mod:`dualvitok.blocks.packed`).
     """
     for name, child in list(module.named_children()):
-        new = swap_inference_blocks(child, fuse_conv)
+        new = swap_inference_blocks(child, fuse_conv, pack_linear)
         if new is not child:
             setattr(module, name, new)
     variant = INFERENCE_VARIANTS.get(type(module))
-    return variant.from_module(module, fuse_conv) if variant is not None else module
+    return variant.from_module(module, fuse_conv, pack_linear) if variant is not None else module

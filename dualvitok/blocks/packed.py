@@ -1,0 +1,111 @@
+"""Linear layers with weights prepacked for oneDNN on CPU (the vision tower's GEMMs at inference).
+
+In bf16 on CPU ``F.linear`` hands the weight to oneDNN in PyTorch's plain ``[out, in]`` layout, and oneDNN reorders
+it into its blocked (AMX / AVX-512-BF16) layout on **every call**. At the vision tower's shapes (324 tokens at
+256x256 against 1280x5120 weights, 13 MB each in bf16) that reorder is a large share of the GEMM: prepacking the
+weight once (``torch.ops.mkldnn._reorder_linear_weight``, the same prepacking Inductor's CPU freezing pass does) and
+calling ``torch.ops.mkldnn._linear_pointwise`` on it made those GEMMs 1.1-1.8x faster on an Intel Xeon with AMX.
+
+* :func:`pack_weight` / :func:`packed_linear` are the two operators; :class:`dualvitok.blocks.inference.InferenceLinear`
+  (swapped in by :func:`dualvitok.inference.optimize_for_inference`) keeps one packed copy per bf16 ``nn.Linear`` next
+  to the plain weight (the state dict still holds the plain one), made on the first call.
+* The packed kernel is oneDNN's own, so results match ``F.linear`` in bf16 (bit for bit at most shapes we tried,
+  within a bf16 rounding where oneDNN blocks the sum differently).
+* Whether it pays is a one-time measurement on this CPU (:func:`packed_linear_pays`), not assumed: the AVX-512-BF16
+  kernels of CPUs without AMX have another layout and cost.
+
+Only bf16 weights on CPU are packed (float32 ``F.linear`` goes to another library, whose sums differ from oneDNN's
+in the last bits, and the float32 stages decide indices). The operators are internal to PyTorch: where they are
+missing, disabled (``torch.backends.mkldnn.enabled``), under autocast, or refuse an input, the plain ``F.linear`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+PACKED_DTYPES = (torch.bfloat16,)
+"""Weight dtypes that are packed (see the module docstring)."""
+
+
+def can_pack(weight: Tensor) -> bool:
+    """Whether weights like ``weight`` (its dtype and device) can be packed here: bf16 on CPU with oneDNN's
+    operators."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in PACKED_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def pack_weight(weight: Tensor, tokens: int) -> Tensor:
+    """``weight [out, in]`` reordered into oneDNN's layout for GEMMs of about ``tokens`` rows (an opaque mkldnn
+    tensor, a second copy of the weight)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), tokens)
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` from :func:`pack_weight`'s ``packed`` weight.
+
+    Shape: ``[..., in] -> [..., out]``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`packed_linear` applies to input ``x`` for ``weight`` now (autograd off, same dtype, no
+    autocast)."""
+    return (not torch.is_grad_enabled() and x.dtype == weight.dtype and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and x.dim() >= 2)
+
+
+_choices: dict[tuple, bool] = {}  # (dtype, width, tokens, ISA) -> measured choice, once per process
+
+
+def packed_linear_pays(width: int, dtype: torch.dtype, tokens: int = 324, rounds: int = 5,
+                       tolerance: float = 0.10) -> bool:
+    """Whether :func:`packed_linear` is about as fast as ``F.linear`` or faster on this CPU: a one-time measured
+    choice (about 0.2 s at width 1280, cached per process for each ``(dtype, width, tokens)``).
+
+    It times the ``width -> 4 * width`` MLP projection of a vision block on ``tokens`` rows both ways, interleaved,
+    best of ``rounds`` after a warm-up, and keeps the packed weights unless they are more than ``tolerance`` slower.
+    ``False`` where the operators are missing or refuse the weight.
+    """
+    import time
+
+    key = (dtype, width, tokens, torch.backends.cpu.get_cpu_capability())
+    if key in _choices:
+        return _choices[key]
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(4 * width, width, generator=generator) * width**-0.5).to(dtype)
+    bias = torch.zeros(4 * width, dtype=dtype)
+    x = torch.randn(tokens, width, generator=generator).to(dtype)
+    choice = False
+    if can_pack(weight):
+        try:
+            with torch.inference_mode():
+                packed = pack_weight(weight, tokens)
+                runs = {"packed": lambda: packed_linear(x, packed, bias), "plain": lambda: F.linear(x, weight, bias)}
+                best = {name: float("inf") for name in runs}
+                for fn in runs.values():
+                    fn()
+                for _ in range(rounds):
+                    for name, fn in runs.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        best[name] = min(best[name], time.perf_counter() - t0)
+            choice = best["packed"] <= (1 + tolerance) * best["plain"]
+            logger.info("prepacked linear weights (%s, %d -> %d, %d tokens): %.2f ms packed vs %.2f ms plain: %s",
+                        dtype, width, 4 * width, tokens, best["packed"] * 1e3, best["plain"] * 1e3,
+                        "packed" if choice else "plain")
+        except RuntimeError as err:  # an unsupported build or ISA: plain F.linear
+            logger.warning("prepacked linear weights unavailable (%s); using F.linear", err)
+    _choices[key] = choice
+    return choice

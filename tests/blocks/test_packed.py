@@ -1,0 +1,167 @@
+"""Prepacked linear weights (oneDNN on CPU): the operators against F.linear, the InferenceLinear variant, the
+measured choice and the plan that follows it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualvitok import inference
+from dualvitok.blocks import packed
+from dualvitok.blocks.inference import InferenceLinear, swap_inference_blocks
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this build")
+
+
+def _linear(n_in: int, n_out: int, dtype=torch.bfloat16, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out).to(dtype).eval().requires_grad_(False)
+
+
+def _bf16_bound(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """Per-element bound on a bf16 GEMM's error against float32 math: half an ulp of the output plus the sum of
+    |x||w| times a few ulps of the accumulation."""
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    mass = F.linear(x.float().abs(), layer.weight.float().abs(), layer.bias.float().abs())
+    return exact, 2**-8 * exact.abs() + 2**-12 * mass + 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows, hint", [(1, 1), (37, 37), (37, 300), (300, 37)])
+def test_packed_linear_is_f_linear_in_bf16(rows, hint):
+    """The packed GEMM gives F.linear's bf16 result within bf16 rounding, for any row count (the hint only picks
+    oneDNN's blocking), and batched inputs keep their leading shape."""
+    layer = _linear(96, 160)
+    x = torch.randn(2, rows, 96).bfloat16()
+    with torch.inference_mode():
+        out = packed.packed_linear(x, packed.pack_weight(layer.weight, hint), layer.bias)
+        plain = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == plain.shape == (2, rows, 160) and out.dtype == torch.bfloat16
+    exact, bound = _bf16_bound(x, layer)
+    assert ((out.float() - exact).abs() <= bound).all()
+    assert ((plain.float() - exact).abs() <= bound).all()  # the bound is one F.linear keeps too
+
+
+@needs_onednn
+def test_inference_linear_uses_the_packed_copy_and_follows_the_weight(monkeypatch):
+    layer = _linear(64, 128)
+    fast = swap_inference_blocks(copy.deepcopy(layer), pack_linear=True)
+    assert isinstance(fast, InferenceLinear) and fast.weight is not layer.weight
+    assert set(fast.state_dict()) == set(layer.state_dict())  # the packed copy is not state
+    calls = []
+    real = packed.packed_linear
+    monkeypatch.setattr(packed, "packed_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(5, 64).bfloat16()
+    with torch.inference_mode():
+        out = fast(x)
+        assert calls and fast._packed is not None
+        exact, bound = _bf16_bound(x, layer)
+        assert ((out.float() - exact).abs() <= bound).all()
+        first = fast._packed[2]
+        fast(x)
+        assert fast._packed[2] is first  # packed once
+    other = _linear(64, 128, seed=1)
+    fast.load_state_dict(other.state_dict())  # new values, same storage: repacked on the next call
+    with torch.inference_mode():
+        out = fast(x)
+    assert fast._packed[2] is not first
+    exact, bound = _bf16_bound(x, other)
+    assert ((out.float() - exact).abs() <= bound).all()
+
+
+@needs_onednn
+def test_inference_linear_is_plain_with_autograd_float32_or_when_off(monkeypatch):
+    monkeypatch.setattr(packed, "packed_linear", lambda *a: pytest.fail("the packed path ran"))
+    layer = _linear(32, 48, dtype=torch.float32)
+    fast = swap_inference_blocks(copy.deepcopy(layer), pack_linear=True)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), layer(x))  # float32 weights are never packed
+    bf16 = swap_inference_blocks(_linear(32, 48), pack_linear=True).requires_grad_(True)
+    xb = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    bf16(xb).sum().backward()  # autograd on: the plain operator, with gradients
+    assert xb.grad is not None and bf16.weight.grad is not None
+    off = swap_inference_blocks(_linear(32, 48), pack_linear=False)
+    with torch.inference_mode():
+        assert torch.equal(off(xb.detach()), F.linear(xb.detach(), off.weight, off.bias))
+
+
+@needs_onednn
+def test_inference_linear_falls_back_when_packing_fails(monkeypatch, caplog):
+    def refuse(weight, tokens):
+        raise RuntimeError("no kernel for this layout")
+
+    monkeypatch.setattr(packed, "pack_weight", refuse)
+    fast = swap_inference_blocks(_linear(32, 48), pack_linear=True)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias))
+    assert "prepacking a (48, 32) weight failed" in caplog.text and fast.pack_linear is False
+
+
+@needs_onednn
+def test_packing_is_a_measured_choice_cached_per_process(monkeypatch):
+    """packed_linear_pays times the packed GEMM against F.linear: a slower one is refused; measured once per key."""
+    import time
+
+    monkeypatch.setattr(packed, "_choices", {})
+    real, calls = packed.packed_linear, []
+
+    def slow(*args):
+        calls.append(1)
+        time.sleep(0.02)  # far slower than a 16 x 64 x 256 GEMM
+        return real(*args)
+
+    monkeypatch.setattr(packed, "packed_linear", slow)
+    assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False
+    n = len(calls)
+    assert n >= 6  # warm-up + 5 rounds
+    assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False and len(calls) == n  # cached
+    monkeypatch.setattr(packed, "packed_linear", real)
+    assert packed.packed_linear_pays(96, torch.bfloat16, tokens=16, tolerance=10.0) is True  # another key
+
+
+def test_packing_is_refused_where_onednn_is_off(monkeypatch):
+    monkeypatch.setattr(packed, "_choices", {})
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not packed.can_pack(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False
+    assert not packed.can_pack(torch.zeros(2, 2))  # float32 is never packed
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, measured):
+    """The CPU plan measures once at the tower's width and dtype unless told; the variants follow the plan."""
+    asked = []
+    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    monkeypatch.setattr(packed, "can_pack", lambda weight: weight.dtype == torch.bfloat16)
+    monkeypatch.setattr(packed, "packed_linear_pays", lambda width, dtype: asked.append((width, dtype)) or measured)
+    fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu")
+    tower_width = tiny_model.config.semantic_encoder.semantic_encoder_config.embed_dim
+    assert asked == [(tower_width, torch.bfloat16)]
+    assert fast.inference_plan.pack_linear is measured
+    linears = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
+    assert linears and all(m.pack_linear is measured for m in linears)
+    forced = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", pack_linear=False)
+    assert not forced.inference_plan.pack_linear and len(asked) == 1  # told: not measured
+    exact32 = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", dtype=None)
+    assert not exact32.inference_plan.pack_linear and len(asked) == 1  # float32 tower: nothing to pack
+
+
+def test_use_kernels_switches_the_variants(tiny_model, monkeypatch):
+    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", pack_linear=True, fuse_conv=True)
+    with torch.inference_mode():
+        fast.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    linears = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
+    assert any(m._packed is not None for m in linears) == torch.backends.mkldnn.is_available()
+    inference.use_kernels(fast, pack_linear=False)
+    assert not fast.inference_plan.pack_linear and fast.inference_plan.fuse_conv
+    assert all(not m.pack_linear and m._packed is None for m in linears)  # the copies are freed
+    with pytest.raises(TypeError, match="unknown kernel choices.*fuse_conv, pack_linear"):
+        inference.use_kernels(fast, compile=True)
