@@ -30,7 +30,11 @@ key:
   ``DualViTok.encode``/``decode`` contain no dtype or layout code, and every output is float32.
 
 **Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions where a one-time measurement on this
-CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`).
+CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`),
+and the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weights where another one-time
+measurement finds that faster than ``F.linear`` (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy
+of those weights). Under ``torchrun``, ``dualvitok encode`` makes every rank take rank 0's choices
+(:func:`use_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
 it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with
@@ -61,7 +65,7 @@ import torch
 from torch import nn
 
 from .blocks import fused, packed
-from .blocks.inference import InferenceVariant, swap_inference_blocks
+from .blocks.inference import InferenceLinear, InferenceVariant, swap_inference_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +254,8 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
         for module in model.modules():
             if isinstance(module, InferenceVariant):
                 setattr(module, name, bool(value))
-                if name == "pack_linear" and not value:
-                    module._packed = None  # frees the packed copies
+                if name == "pack_linear" and isinstance(module, InferenceLinear):
+                    module.invalidate()  # frees the packed copy (made again on the next call if on)
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,

@@ -26,6 +26,12 @@ INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 _value_checks = True
 
 
+def version_counter(t: Tensor) -> int:
+    """The in-place version counter of ``t`` (-1 for inference tensors, which have none): caches of values derived
+    from a weight compare it to notice in-place updates."""
+    return -1 if t.is_inference() else t._version
+
+
 def is_tracing() -> bool:
     """True while ``torch.compile`` or ``torch.export`` traces (data-dependent checks are skipped then)."""
     compiler = getattr(torch, "compiler", None)

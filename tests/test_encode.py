@@ -353,7 +353,9 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
     monkeypatch.setattr(distributed, "all_gather_json",  # rank 0 measured "separate" and "plain"
                         lambda obj: gathered.append(obj) or [{"fuse_conv": False, "pack_linear": False}, obj])
     encode._agree_on_kernels(model)
-    assert gathered == [{"fuse_conv": True, "pack_linear": True}]
+    from dualvitok.blocks import packed
+
+    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))}]
     assert model.inference_plan.fuse_conv is False and model.inference_plan.pack_linear is False
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
     assert variants and not any(m.fuse_conv or m.pack_linear for m in variants)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import is_tracing, version_counter
 from . import packed
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, channel_average, space_to_channel
@@ -73,33 +74,54 @@ class InferenceVariant(nn.Module):
 
 class InferenceLinear(InferenceVariant, nn.Linear):
     """:class:`torch.nn.Linear` computing from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is
-    set (:mod:`dualvitok.blocks.packed`); otherwise, and while autograd is on, the plain ``F.linear``.
+    set (:mod:`dualvitok.blocks.packed`); otherwise, and while autograd is on or ``torch.compile`` traces, the plain
+    ``F.linear``. Its input is not overwritten.
 
-    The packed copy is made on the first call (sized for that call's rows) and made again if the weight is replaced
-    (``.to()``, ``load_state_dict``); it is not part of the state dict. Its input is not overwritten.
+    The packed copy is made on the first call (sized for that call's rows) and made again when the weight is
+    replaced or updated in place (``.to()``, ``load_state_dict``, ``with torch.no_grad(): w.copy_(...)``: the
+    parameter's identity, storage and version counter are compared). A write through ``.data`` changes none of them:
+    call :meth:`invalidate` after one. The copy is not part of the state dict, nor of copies or pickles of the module.
     """
 
-    _packed: tuple | None = None  # (weight storage pointer, weight version, packed tensor)
+    _packed: tuple | None = None  # (weight parameter, storage pointer, version, packed tensor)
+
+    def invalidate(self) -> None:
+        """Drop the packed copy (it is made again on the next call)."""
+        self._packed = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_packed", None)  # an opaque oneDNN tensor: neither copied nor pickled
+        return state
 
     def _packed_weight(self, x: Tensor) -> Tensor | None:
         weight = self.weight
-        if not (self.pack_linear and packed.usable(x, weight) and packed.can_pack(weight)):
+        if not (self.pack_linear and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
             return None
-        stamp = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[:2] != stamp:
+        stamp = (weight, weight.data_ptr(), version_counter(weight))
+        cached = self._packed
+        if cached is None or cached[0] is not weight or cached[1:3] != stamp[1:]:
             try:
-                self._packed = (*stamp, packed.pack_weight(weight, x.numel() // x.shape[-1]))
+                self._packed = cached = (*stamp, packed.pack_weight(weight, max(1, x.numel() // x.shape[-1])))
             except RuntimeError as err:  # an unsupported build or layout: plain F.linear from now on
-                logger.warning("prepacking a %s weight failed (%s); using F.linear", tuple(weight.shape), err)
-                self.pack_linear = False
+                self._refuse(f"prepacking a {tuple(weight.shape)} weight failed ({err})")
                 return None
-        return self._packed[2]
+        return cached[3]
+
+    def _refuse(self, why: str) -> None:
+        logger.warning("%s; using F.linear", why)
+        self.pack_linear, self._packed = False, None
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self._packed_weight(x)
-        if weight is None:
-            return F.linear(x, self.weight, self.bias)
-        return packed.packed_linear(x, weight, self.bias)
+        if weight is not None:
+            try:
+                return packed.packed_linear(x, weight, self.bias)
+            except RuntimeError as err:
+                if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+                    raise
+                self._refuse(f"the packed {tuple(self.weight.shape)} linear refused an input {tuple(x.shape)} ({err})")
+        return F.linear(x, self.weight, self.bias)
 
 
 class InferenceSpatialNorm(InferenceVariant, SpatialNorm):

@@ -16,7 +16,11 @@ calling ``torch.ops.mkldnn._linear_pointwise`` on it made those GEMMs 1.1-1.8x f
 
 Only bf16 weights on CPU are packed (float32 ``F.linear`` goes to another library, whose sums differ from oneDNN's
 in the last bits, and the float32 stages decide indices). The operators are internal to PyTorch: where they are
-missing, disabled (``torch.backends.mkldnn.enabled``), under autocast, or refuse an input, the plain ``F.linear`` runs.
+missing, disabled (``torch.backends.mkldnn.enabled``), fail a tiny probe on this CPU, under autocast, or refuse a
+weight or an input (the layer then logs it and stays with ``F.linear``), the plain ``F.linear`` runs.
+
+The plan measures the choice once, at the vision tower's width, and applies it to every bf16 linear layer of the
+model (the tower's are nearly all of their FLOPs).
 """
 
 from __future__ import annotations
@@ -33,16 +37,34 @@ PACKED_DTYPES = (torch.bfloat16,)
 """Weight dtypes that are packed (see the module docstring)."""
 
 
+_works: dict[torch.dtype, bool] = {}  # dtype -> the operators ran on a tiny weight in this process
+
+
+def _operators_work(dtype: torch.dtype) -> bool:
+    """Whether this build and CPU run the packing operators in ``dtype`` (a tiny probe, once per process: oneDNN's
+    bf16 kernels need AVX-512 or AMX, and a build may lack the operators)."""
+    if dtype not in _works:
+        ok = False
+        if (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            try:
+                with torch.inference_mode():
+                    weight, x = torch.eye(16, dtype=dtype), torch.arange(32.0).reshape(2, 16).to(dtype)
+                    ok = torch.equal(packed_linear(x, pack_weight(weight, 2), None), x)
+            except RuntimeError as err:
+                logger.info("prepacked linear weights unavailable in %s here (%s)", dtype, err)
+        _works[dtype] = ok
+    return _works[dtype]
+
+
 def can_pack(weight: Tensor) -> bool:
-    """Whether weights like ``weight`` (its dtype and device) can be packed here: bf16 on CPU with oneDNN's
-    operators."""
+    """Whether weights like ``weight`` (its dtype and device) can be packed here: bf16 on CPU, with oneDNN enabled
+    and its operators running on this CPU."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in PACKED_DTYPES
-        and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _operators_work(weight.dtype)
     )
 
 

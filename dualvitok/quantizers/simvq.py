@@ -27,14 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validation import is_tracing
+from ..validation import is_tracing, version_counter
 from .base import DEFAULT_MEMORY_BUDGET, Quantizer, QuantizerOutput, SearchPlan, nearest_code, prepare_codebook
 from .rotation import rotate_to
-
-
-def _version(t: Tensor) -> int:
-    """The in-place version counter of ``t`` (-1 for inference tensors, which have none)."""
-    return -1 if t.is_inference() else t._version
 
 
 class _InferenceCache(NamedTuple):
@@ -112,7 +107,7 @@ class SimVQ(Quantizer):
 
     def _cache_is_valid(self, cache: _InferenceCache) -> bool:
         w, f = self.code_transform.weight, self.frozen_codebook
-        if cache.weight_version != _version(w) or cache.frozen_version != _version(f):  # in-place updates
+        if cache.weight_version != version_counter(w) or cache.frozen_version != version_counter(f):  # in-place updates
             return False
         if cache.weight is not w or cache.frozen is not f:  # parameters or buffers replaced
             return False
@@ -134,7 +129,7 @@ class SimVQ(Quantizer):
             with torch.no_grad(), torch.autocast(device_type=w.device.type, enabled=False):
                 codebook = F.linear(f.float(), w.float())
                 cache = _InferenceCache(codebook, prepare_codebook(codebook), w, f, w.detach().clone(),
-                                        _version(w), _version(f))
+                                        version_counter(w), version_counter(f))
             self._inference_cache = cache
         return cache.codebook, cache.prepared
 

@@ -15,7 +15,8 @@ from dualvitok import inference
 from dualvitok.blocks import packed
 from dualvitok.blocks.inference import InferenceLinear, swap_inference_blocks
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this build")
+PACKS = packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))
+needs_onednn = pytest.mark.skipif(not PACKS, reason="oneDNN's bf16 packing operators do not run on this build or CPU")
 
 
 def _linear(n_in: int, n_out: int, dtype=torch.bfloat16, seed: int = 0) -> nn.Linear:
@@ -159,9 +160,62 @@ def test_use_kernels_switches_the_variants(tiny_model, monkeypatch):
     with torch.inference_mode():
         fast.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
     linears = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
-    assert any(m._packed is not None for m in linears) == torch.backends.mkldnn.is_available()
+    assert any(m._packed is not None for m in linears) == PACKS
     inference.use_kernels(fast, pack_linear=False)
     assert not fast.inference_plan.pack_linear and fast.inference_plan.fuse_conv
     assert all(not m.pack_linear and m._packed is None for m in linears)  # the copies are freed
     with pytest.raises(TypeError, match="unknown kernel choices.*fuse_conv, pack_linear"):
         inference.use_kernels(fast, compile=True)
+
+
+@needs_onednn
+def test_inference_linear_copes_with_inference_weights_copies_and_data_writes():
+    """Weights made under inference_mode (no version counter), deepcopy/pickle after the first call, and a write
+    through .data followed by invalidate()."""
+    import pickle
+
+    with torch.inference_mode():
+        layer = _linear(32, 48)  # inference tensors, as from_pretrained inside inference_mode gives
+        fast = swap_inference_blocks(layer, pack_linear=True)
+        x = torch.randn(3, 32, dtype=torch.bfloat16)
+        first = fast(x)
+        assert fast._packed is not None
+    twin = copy.deepcopy(swap_inference_blocks(_linear(32, 48), pack_linear=True))
+    with torch.inference_mode():
+        twin(x)
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(twin)))  # the opaque packed copy is dropped, not copied
+    assert clone._packed is None and torch.equal(clone.weight, twin.weight)
+    with torch.inference_mode():
+        assert torch.equal(clone(x), twin(x))
+    other = _linear(32, 48, seed=3)
+    twin.weight.data.copy_(other.weight)  # no version bump: the stale copy stays until invalidate()
+    twin.bias.data.copy_(other.bias)
+    twin.invalidate()
+    with torch.inference_mode():
+        out = twin(x)
+    exact, bound = _bf16_bound(x, other)
+    assert ((out.float() - exact).abs() <= bound).all() and first.shape == out.shape
+
+
+def test_inference_linear_is_plain_while_tracing(monkeypatch):
+    from dualvitok.blocks import inference as variants
+
+    monkeypatch.setattr(variants, "is_tracing", lambda: True)
+    monkeypatch.setattr(packed, "pack_weight", lambda *a: pytest.fail("packed while tracing"))
+    fast = swap_inference_blocks(_linear(32, 48), pack_linear=True)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias)) and fast._packed is None
+
+
+@needs_onednn
+def test_inference_linear_falls_back_when_the_packed_call_refuses(monkeypatch, caplog):
+    def refuse(*args):
+        raise RuntimeError("unsupported input")
+
+    monkeypatch.setattr(packed, "packed_linear", refuse)
+    fast = swap_inference_blocks(_linear(32, 48), pack_linear=True)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias))
+    assert "refused an input (3, 32)" in caplog.text and not fast.pack_linear and fast._packed is None
