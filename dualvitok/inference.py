@@ -258,6 +258,22 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
 
 
+def agree_on_kernels(model: nn.Module) -> None:
+    """Under ``torchrun``: make every rank use rank 0's measured kernel choices (:data:`KERNEL_CHOICES`), so that
+    the same image gets the same tokens on any rank (the kernels round differently in bf16). A no-op in a single
+    process or on a model that is not prepared; every rank must call it (a collective)."""
+    from ._utils.distributed import all_gather_json
+
+    plan = getattr(model, "inference_plan", None)
+    if plan is None:
+        return
+    choices = all_gather_json({name: getattr(plan, name) for name in KERNEL_CHOICES})[0]
+    differ = {name: value for name, value in choices.items() if value != getattr(plan, name)}
+    if differ:
+        logger.info("using rank 0's kernel choices %s", differ)
+        use_kernels(model, **differ)
+
+
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,

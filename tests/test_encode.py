@@ -338,30 +338,6 @@ def test_deprecated_fp32_flag_means_dtype_float32(setup, caplog):
     assert json.loads((out / "meta.json").read_text())["dtype"] == "float32" and "use --dtype float32" in caplog.text
 
 
-def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
-    """Under torchrun each rank measures its kernels once; encode makes every rank use rank 0's choices."""
-    import copy
-
-    from dualvitok import inference
-    from dualvitok._utils import distributed
-    from dualvitok.blocks.inference import InferenceLinear, InferenceVariant
-    from dualvitok.commands import encode
-
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")  # bf16 stages whatever this CPU
-    model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True)
-    gathered = []
-    monkeypatch.setattr(distributed, "all_gather_json",  # rank 0 measured "separate" and "plain"
-                        lambda obj: gathered.append(obj) or [{"fuse_conv": False, "pack_linear": False}, obj])
-    encode._agree_on_kernels(model)
-    from dualvitok.blocks import packed
-
-    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))}]
-    assert model.inference_plan.fuse_conv is False and model.inference_plan.pack_linear is False
-    variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
-    assert variants and not any(m.fuse_conv or m.pack_linear for m in variants)
-    assert any(isinstance(m, InferenceLinear) for m in variants)
-
-
 @pytest.mark.parametrize("size, expected", [(["--size", "32", "32"], "float32"), (["--size", "128", "128"], "bfloat16"),
                                             (["--max-pixels", "4096"], "float32")])
 def test_default_dtype_is_float32_where_the_fast_path_is_not_faster(setup, caplog, size, expected):

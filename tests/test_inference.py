@@ -283,3 +283,33 @@ def test_cpu_fusion_follows_the_measured_choice(tiny_model, monkeypatch, measure
     assert all(m.fuse_conv is measured for m in fast.modules() if isinstance(m, InferenceVariant))
     forced = _optimized(tiny_model, device="cpu", fuse_conv=False)
     assert not forced.inference_plan.fuse_conv and len(asked) == 1  # told: not measured
+
+
+def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
+    """Under torchrun each rank measures its kernels once; encode and evaluate make every rank use rank 0's
+    choices (inference.agree_on_kernels)."""
+    from dualvitok._utils import distributed
+    from dualvitok.blocks import packed
+    from dualvitok.blocks.inference import InferenceLinear
+
+    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")  # bf16 stages whatever this CPU
+    model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True)
+    gathered = []
+    monkeypatch.setattr(distributed, "all_gather_json",  # rank 0 measured "separate" and "plain"
+                        lambda obj: gathered.append(obj) or [{"fuse_conv": False, "pack_linear": False}, obj])
+    inference.agree_on_kernels(model)
+    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))}]
+    assert model.inference_plan.fuse_conv is False and model.inference_plan.pack_linear is False
+    variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
+    assert variants and not any(m.fuse_conv or m.pack_linear for m in variants)
+    assert any(isinstance(m, InferenceLinear) for m in variants)
+
+
+def test_agreeing_alone_changes_nothing(tiny_model):
+    """In a single process rank 0 is this process; an unprepared model has no choices to agree on."""
+    fast = _optimized(tiny_model, device="cpu", fuse_conv=True, pack_linear=False)
+    inference.agree_on_kernels(fast)
+    assert fast.inference_plan.fuse_conv is True and fast.inference_plan.pack_linear is False
+    plain = copy.deepcopy(tiny_model)
+    inference.agree_on_kernels(plain)
+    assert getattr(plain, "inference_plan", None) is None

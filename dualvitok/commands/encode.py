@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._utils.io import json_path
-from ..inference import INDEX_MODES
+from ..inference import INDEX_MODES, agree_on_kernels
 from . import _args
 from ._args import dtype_of
 
@@ -90,20 +90,6 @@ def choose_dtype(args: argparse.Namespace, model, device: torch.device) -> str:
                     "to use the fast path anyway", area, width)
         return "float32"
     return "bfloat16"
-
-
-def _agree_on_kernels(model) -> None:
-    """Every rank uses rank 0's measured kernel choices (fused convolution + addition, prepacked linear weights), so
-    that the same image gets the same tokens on any rank (the kernels round differently in bf16)."""
-    from .._utils.distributed import all_gather_json
-    from ..inference import KERNEL_CHOICES, use_kernels
-
-    plan = model.inference_plan
-    choices = all_gather_json({name: getattr(plan, name) for name in KERNEL_CHOICES})[0]
-    differ = {name: value for name, value in choices.items() if value != getattr(plan, name)}
-    if differ:
-        logger.info("using rank 0's kernel choices %s", differ)
-        use_kernels(model, **differ)
 
 
 def _stage_dtype(model) -> str:
@@ -270,7 +256,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
             keep_freed_cpu_memory()
         if args.dtype != "float32":
             model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices)
-            _agree_on_kernels(model)
+            agree_on_kernels(model)
         logger.info("encoding with %s stages (--dtype %s)", _stage_dtype(model), args.dtype)
         processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
         loader = torch.utils.data.DataLoader(

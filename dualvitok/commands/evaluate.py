@@ -224,9 +224,10 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
         files, data_name = scan_folder(args.data, args.limit), json_path(os.fspath(args.data))
     model, model_name = _load_model(args.model, device)
     if args.dtype != "float32":
-        from ..inference import optimize_for_inference
+        from ..inference import agree_on_kernels, optimize_for_inference
 
         model = optimize_for_inference(model, dtype=_args.dtype_of(args.dtype))
+        agree_on_kernels(model)  # under torchrun: rank 0's kernel choices on every rank
     metrics, nets, notes = _select_metrics(args)
     settings = EvaluationSettings(
         protocol, batch_size=args.batch_size, device=device, num_workers=args.num_workers, output_dir=args.output,
