@@ -361,9 +361,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             + " weights are rounded to low precision. Save the model before calling optimize_for_inference(), or "
             "reload it (from_pretrained) and save that")
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
-    logger.info("optimize_for_inference (%s plan%s): %s; float32: %s", device_type,
+    kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
+               f"{'on' if plan.pack_linear else 'off'}" if device_type == "cpu" else "")
+    logger.info("optimize_for_inference (%s plan%s): %s; float32: %s%s", device_type,
                 f", CPU bf16 support: {cpu_bf16_support()}" if device_type == "cpu" else "",
                 ", ".join(converted) or "no stage converted",
-                "; ".join(f"{n} ({r})" for n, r in plan.kept_float32.items()) or "none")
+                "; ".join(f"{n} ({r})" for n, r in plan.kept_float32.items()) or "none", kernels)
     return model
 

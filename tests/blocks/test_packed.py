@@ -136,13 +136,16 @@ def test_packing_is_refused_where_onednn_is_off(monkeypatch):
 
 
 @pytest.mark.parametrize("measured", [True, False])
-def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, measured):
-    """The CPU plan measures once at the tower's width and dtype unless told; the variants follow the plan."""
+def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, caplog, measured):
+    """The CPU plan measures once at the tower's width and dtype unless told, and logs it; the variants follow the
+    plan."""
     asked = []
     monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
     monkeypatch.setattr(packed, "can_pack", lambda weight: weight.dtype == torch.bfloat16)
     monkeypatch.setattr(packed, "packed_linear_pays", lambda width, dtype: asked.append((width, dtype)) or measured)
-    fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu")
+    with caplog.at_level(logging.INFO, logger="dualvitok.inference"):
+        fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu")
+    assert f"prepacked linear weights {'on' if measured else 'off'}" in caplog.text
     tower_width = tiny_model.config.semantic_encoder.semantic_encoder_config.embed_dim
     assert asked == [(tower_width, torch.bfloat16)]
     assert fast.inference_plan.pack_linear is measured
