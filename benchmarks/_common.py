@@ -81,3 +81,13 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit_report(report: str, output: str | None) -> None:
+    """Print a Markdown report and, when ``output`` is given, write it there too (parent folders made)."""
+    print("\n" + report)
+    if output:
+        from pathlib import Path
+
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(report)

@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from _common import machine, table
+from _common import emit_report, machine, table
 
 from dualvitok import ImageProcessor
 from dualvitok.assets import sample_images
@@ -67,10 +67,7 @@ def main() -> None:
               f"interleaved rounds after a warm-up\n\n"
               + table(["model", "size", "fp32 ms (best)", "fast ms (best)", "fast vs fp32 (best / median)",
                        "stages in bf16"], rows) + "\n")
-    print("\n" + report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report)
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import best_time, machine, table
+from _common import best_time, emit_report, machine, table
 
 from dualvitok import ImageProcessor
 from dualvitok.assets import sample_images
@@ -105,10 +105,7 @@ def main() -> None:
               + f"\n\n## Encode ({args.model}, seeded random weights, the fast path with and without packing)\n\n"
               + table(["size", "batch", "F.linear s (best)", "packed s (best)", "packed vs F.linear (best / median)",
                        "same indices"], encodes) + "\n")
-    print("\n" + report)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report)
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

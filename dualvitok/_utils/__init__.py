@@ -6,6 +6,7 @@
 * :mod:`.distributed` -- joining torchrun's process group and the collective helpers built on it.
 * :mod:`.decoding` -- dataclass-from-dict decoding with strict keys and typed fields.
 * :mod:`.locking` -- one writer per output folder.
+* :mod:`.timing` -- the interleaved best-of timing behind the fast path's one-time kernel choices.
 
 The device policy is public and lives in :mod:`dualvitok.devices`.
 """

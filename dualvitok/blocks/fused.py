@@ -26,6 +26,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .._utils.timing import interleaved_best
+
 logger = logging.getLogger(__name__)
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -122,8 +124,6 @@ def fused_conv_add_pays(channels: int, dtype: torch.dtype, size: int = 96, round
     full-resolution map; whether that pays depends on the CPU's kernels (it does on an Intel Xeon with AMX), so it
     is measured rather than assumed.
     """
-    import time
-
     key = (dtype, channels, torch.backends.cpu.get_cpu_capability())
     if key in _fusion_choices:
         return _fusion_choices[key]
@@ -133,19 +133,12 @@ def fused_conv_add_pays(channels: int, dtype: torch.dtype, size: int = 96, round
     if not _can_fuse(conv, x, residual, True):
         _fusion_choices[key] = False
         return False
-    best = {"fused": float("inf"), "plain": float("inf")}
-    runs = {"fused": lambda: conv2d_add(conv, x, residual, inplace=True), "plain": lambda: residual.add_(conv(x))}
     with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        if _kind(x, residual, True) in _refused:  # the operator failed on the warm-up (conv2d_add logged why)
-            _fusion_choices[key] = False
-            return False
-        for _ in range(rounds):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
+        best = interleaved_best({"fused": lambda: conv2d_add(conv, x, residual, inplace=True),
+                                 "plain": lambda: residual.add_(conv(x))}, rounds)
+    if _kind(x, residual, True) in _refused:  # the operator failed (conv2d_add logged why): it ran the plain ones
+        _fusion_choices[key] = False
+        return False
     choice = best["fused"] <= (1 + tolerance) * best["plain"]
     _fusion_choices[key] = choice
     logger.info("fused convolution + addition (%s, %d channels): %.2f ms fused vs %.2f ms separate: %s", dtype,

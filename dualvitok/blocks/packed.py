@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._utils.timing import interleaved_best
+
 logger = logging.getLogger(__name__)
 
 PACKED_DTYPES = (torch.bfloat16,)
@@ -100,8 +102,6 @@ def packed_linear_pays(width: int, dtype: torch.dtype, tokens: int = 324, rounds
     best of ``rounds`` after a warm-up, and keeps the packed weights unless they are more than ``tolerance`` slower.
     ``False`` where the operators are missing or refuse the weight.
     """
-    import time
-
     key = (dtype, width, tokens, torch.backends.cpu.get_cpu_capability())
     if key in _choices:
         return _choices[key]
@@ -114,15 +114,8 @@ def packed_linear_pays(width: int, dtype: torch.dtype, tokens: int = 324, rounds
         try:
             with torch.inference_mode():
                 packed = pack_weight(weight, tokens)
-                runs = {"packed": lambda: packed_linear(x, packed, bias), "plain": lambda: F.linear(x, weight, bias)}
-                best = {name: float("inf") for name in runs}
-                for fn in runs.values():
-                    fn()
-                for _ in range(rounds):
-                    for name, fn in runs.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        best[name] = min(best[name], time.perf_counter() - t0)
+                best = interleaved_best({"packed": lambda: packed_linear(x, packed, bias),
+                                         "plain": lambda: F.linear(x, weight, bias)}, rounds)
             choice = best["packed"] <= (1 + tolerance) * best["plain"]
             logger.info("prepacked linear weights (%s, %d -> %d, %d tokens): %.2f ms packed vs %.2f ms plain: %s",
                         dtype, width, 4 * width, tokens, best["packed"] * 1e3, best["plain"] * 1e3,

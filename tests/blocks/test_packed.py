@@ -93,16 +93,19 @@ def test_inference_linear_is_plain_with_autograd_float32_or_when_off(monkeypatch
 
 
 @needs_onednn
-def test_inference_linear_falls_back_when_packing_fails(monkeypatch, caplog):
-    def refuse(weight, tokens):
+@pytest.mark.parametrize("operator, message", [("pack_weight", "prepacking a (48, 32) weight failed"),
+                                               ("packed_linear", "refused an input (3, 32)")])
+def test_inference_linear_falls_back_when_onednn_refuses(monkeypatch, caplog, operator, message):
+    """Packing or the packed call raising: the layer logs it, returns F.linear's result and stays plain."""
+    def refuse(*args):
         raise RuntimeError("no kernel for this layout")
 
-    monkeypatch.setattr(packed, "pack_weight", refuse)
+    monkeypatch.setattr(packed, operator, refuse)
     fast = swap_inference_blocks(_linear(32, 48), pack_linear=True)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING), torch.inference_mode():
         assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias))
-    assert "prepacking a (48, 32) weight failed" in caplog.text and fast.pack_linear is False
+    assert message in caplog.text and not fast.pack_linear and fast._packed is None
 
 
 @needs_onednn
@@ -209,16 +212,3 @@ def test_inference_linear_is_plain_while_tracing(monkeypatch):
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias)) and fast._packed is None
-
-
-@needs_onednn
-def test_inference_linear_falls_back_when_the_packed_call_refuses(monkeypatch, caplog):
-    def refuse(*args):
-        raise RuntimeError("unsupported input")
-
-    monkeypatch.setattr(packed, "packed_linear", refuse)
-    fast = swap_inference_blocks(_linear(32, 48), pack_linear=True)
-    x = torch.randn(3, 32, dtype=torch.bfloat16)
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias))
-    assert "refused an input (3, 32)" in caplog.text and not fast.pack_linear and fast._packed is None
