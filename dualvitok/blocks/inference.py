@@ -35,6 +35,7 @@ from .fused import add, conv2d_add
 from .movq import MoVQDecoder
 from .norm import SpatialNorm, apply_norm
 from .resnet import ResnetBlock2d
+from .vit import QUICK_GELU_ALPHA, VisionMlp, quick_gelu
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,15 @@ class InferenceLinear(InferenceVariant, nn.Linear):
     set (:mod:`dualvitok.blocks.packed`); otherwise, and while autograd is on or ``torch.compile`` traces, the plain
     ``F.linear``. Its input is not overwritten.
 
-    The packed copy is made on the first call (sized for that call's rows) and made again when the weight is
+    The packed copy is made on the first call (sized for that call's rows) and made again when the weight or bias is
     replaced or updated in place (``.to()``, ``load_state_dict``, ``with torch.no_grad(): w.copy_(...)``: the
-    parameter's identity, storage and version counter are compared). A write through ``.data`` changes none of them:
-    call :meth:`invalidate` after one. The copy is not part of the state dict, nor of copies or pickles of the module.
+    parameters' identity, storage and version counters are compared). A write through ``.data`` changes none of
+    them: call :meth:`invalidate` after one. The copy is not part of the state dict, nor of copies or pickles of the
+    module. :meth:`packed_call` also serves callers that fold a scale into the weights and an activation into the
+    GEMM (:class:`InferenceVisionMlp`).
     """
 
-    _packed: tuple | None = None  # (weight parameter, storage pointer, version, packed tensor)
+    _packed: tuple | None = None  # (stamp, packed weight, bias in the packed dtype and scale)
 
     def invalidate(self) -> None:
         """Drop the packed copy (it is made again on the next call)."""
@@ -94,34 +97,71 @@ class InferenceLinear(InferenceVariant, nn.Linear):
         state.pop("_packed", None)  # an opaque oneDNN tensor: neither copied nor pickled
         return state
 
-    def _packed_weight(self, x: Tensor) -> Tensor | None:
+    def _stamp(self, weight_scale: float, bias_scale: float) -> tuple:
+        tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
+        return (weight_scale, bias_scale, *((id(t), t.data_ptr(), version_counter(t)) for t in tensors))
+
+    def _packed_weight(self, x: Tensor, weight_scale: float, bias_scale: float) -> tuple | None:
+        """``(packed weight_scale * weight, bias_scale * bias)``, made when missing or stale; ``None`` where the
+        packed path does not apply."""
         weight = self.weight
         if not (self.pack_linear and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
             return None
-        stamp = (weight, weight.data_ptr(), version_counter(weight))
-        cached = self._packed
-        if cached is None or cached[0] is not weight or cached[1:3] != stamp[1:]:
+        stamp = self._stamp(weight_scale, bias_scale)
+        if self._packed is None or self._packed[0] != stamp:
             try:
-                self._packed = cached = (*stamp, packed.pack_weight(weight, max(1, x.numel() // x.shape[-1])))
+                scaled = weight if weight_scale == 1 else weight * weight_scale
+                bias = self.bias if self.bias is None or bias_scale == 1 else self.bias * bias_scale
+                self._packed = (stamp, packed.pack_weight(scaled, max(1, x.numel() // x.shape[-1])), bias)
             except RuntimeError as err:  # an unsupported build or layout: plain F.linear from now on
                 self._refuse(f"prepacking a {tuple(weight.shape)} weight failed ({err})")
                 return None
-        return cached[3]
+        return self._packed[1:]
 
     def _refuse(self, why: str) -> None:
         logger.warning("%s; using F.linear", why)
         self.pack_linear, self._packed = False, None
 
+    def packed_call(self, x: Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0,
+                    activation: str = "none") -> Tensor | None:
+        """``activation(x @ (weight_scale * W)^T + bias_scale * b)`` from the packed copy (``activation`` a oneDNN
+        post-op name, ``"none"`` or ``"swish"``), or ``None`` where the packed path does not apply (then nothing ran:
+        the caller computes it the plain way)."""
+        operands = self._packed_weight(x, weight_scale, bias_scale)
+        if operands is None:
+            return None
+        try:
+            return packed.packed_linear(x, *operands, activation=activation)
+        except RuntimeError as err:
+            if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+                raise
+            self._refuse(f"the packed {tuple(self.weight.shape)} linear refused an input {tuple(x.shape)} ({err})")
+            return None
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = self._packed_weight(x)
-        if weight is not None:
-            try:
-                return packed.packed_linear(x, weight, self.bias)
-            except RuntimeError as err:
-                if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
-                    raise
-                self._refuse(f"the packed {tuple(self.weight.shape)} linear refused an input {tuple(x.shape)} ({err})")
-        return F.linear(x, self.weight, self.bias)
+        out = self.packed_call(x)
+        return F.linear(x, self.weight, self.bias) if out is None else out
+
+
+class InferenceVisionMlp(InferenceVariant, VisionMlp):
+    """:class:`VisionMlp` with quick-GELU folded into ``fc1``'s packed GEMM where both layers compute from packed
+    weights (:class:`InferenceLinear`); otherwise the plain MLP.
+
+    ``quick_gelu(h) = h * sigmoid(a h)`` with ``a = 1.702`` is ``swish(a h) / a``, so ``fc1`` computes from weights
+    and bias scaled by ``a`` with oneDNN's ``swish`` post-op on its float32 accumulator (one bf16 rounding, no
+    element-wise passes), and ``fc2`` from weights scaled by ``1 / a``. The scaled copies round once more than the
+    bf16 weights (within a bf16 rounding, as any bf16 kernel change); the state dict keeps the plain weights.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.fc1, self.fc2
+        if not (self.act is quick_gelu and isinstance(fc1, InferenceLinear) and isinstance(fc2, InferenceLinear)):
+            return super().forward(x)
+        z = fc1.packed_call(x, QUICK_GELU_ALPHA, QUICK_GELU_ALPHA, activation="swish")  # a * quick_gelu(fc1(x))
+        if z is None:
+            return super().forward(x)
+        out = fc2.packed_call(z, 1 / QUICK_GELU_ALPHA)
+        return fc2(z.div_(QUICK_GELU_ALPHA)) if out is None else out
 
 
 class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
@@ -209,6 +249,7 @@ class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
 
 INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
     nn.Linear: InferenceLinear,
+    VisionMlp: InferenceVisionMlp,
     SpatialNorm: InferenceSpatialNorm,
     ResnetBlock2d: InferenceResnetBlock2d,
     AttnBlock2d: InferenceAttnBlock2d,

@@ -76,11 +76,18 @@ def pack_weight(weight: Tensor, tokens: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), tokens)
 
 
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)`` from :func:`pack_weight`'s ``packed`` weight.
+ACTIVATIONS = ("none", "swish")
+"""oneDNN post-ops :func:`packed_linear` applies to the float32 accumulator (``swish(x) = x * sigmoid(x)``)."""
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
+    """``activation(F.linear(x, weight, bias))`` from :func:`pack_weight`'s ``packed`` weight (one of
+    :data:`ACTIVATIONS`, applied before the output is rounded).
 
     Shape: ``[..., in] -> [..., out]``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, activation, [], "")
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:

@@ -15,10 +15,13 @@ from torch import Tensor, nn
 
 from .rope import apply_rotary, rotary_cos_sin
 
+QUICK_GELU_ALPHA = 1.702
+"""The slope inside quick-GELU's sigmoid."""
+
 
 def quick_gelu(x: Tensor) -> Tensor:
     """``x * sigmoid(1.702 x)`` (the activation of CLIP and the Qwen2-VL vision tower)."""
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
 
 
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "silu": F.silu}

@@ -56,21 +56,21 @@ def test_inference_linear_uses_the_packed_copy_and_follows_the_weight(monkeypatc
     assert set(fast.state_dict()) == set(layer.state_dict())  # the packed copy is not state
     calls = []
     real = packed.packed_linear
-    monkeypatch.setattr(packed, "packed_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(packed, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(5, 64).bfloat16()
     with torch.inference_mode():
         out = fast(x)
         assert calls and fast._packed is not None
         exact, bound = _bf16_bound(x, layer)
         assert ((out.float() - exact).abs() <= bound).all()
-        first = fast._packed[2]
+        first = fast._packed[1]
         fast(x)
-        assert fast._packed[2] is first  # packed once
+        assert fast._packed[1] is first  # packed once
     other = _linear(64, 128, seed=1)
     fast.load_state_dict(other.state_dict())  # new values, same storage: repacked on the next call
     with torch.inference_mode():
         out = fast(x)
-    assert fast._packed[2] is not first
+    assert fast._packed[1] is not first
     exact, bound = _bf16_bound(x, other)
     assert ((out.float() - exact).abs() <= bound).all()
 
@@ -97,7 +97,7 @@ def test_inference_linear_is_plain_with_autograd_float32_or_when_off(monkeypatch
                                                ("packed_linear", "refused an input (3, 32)")])
 def test_inference_linear_falls_back_when_onednn_refuses(monkeypatch, caplog, operator, message):
     """Packing or the packed call raising: the layer logs it, returns F.linear's result and stays plain."""
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise RuntimeError("no kernel for this layout")
 
     monkeypatch.setattr(packed, operator, refuse)
@@ -116,10 +116,10 @@ def test_packing_is_a_measured_choice_cached_per_process(monkeypatch):
     monkeypatch.setattr(packed, "_choices", {})
     real, calls = packed.packed_linear, []
 
-    def slow(*args):
+    def slow(*args, **kwargs):
         calls.append(1)
         time.sleep(0.02)  # far slower than a 16 x 64 x 256 GEMM
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(packed, "packed_linear", slow)
     assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False
@@ -212,3 +212,54 @@ def test_inference_linear_is_plain_while_tracing(monkeypatch):
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(fast(x), F.linear(x, fast.weight, fast.bias)) and fast._packed is None
+
+
+def _mlp(act: str = "quick_gelu", seed: int = 0):
+    from dualvitok.blocks.vit import VisionMlp
+
+    torch.manual_seed(seed)
+    return VisionMlp(64, 256, act).bfloat16().eval().requires_grad_(False)
+
+
+@needs_onednn
+def test_vision_mlp_folds_quick_gelu_into_the_packed_gemm(monkeypatch):
+    """fc1 with oneDNN's swish post-op on weights scaled by 1.702, fc2 on weights scaled back: the MLP's quick-GELU
+    result within bf16 roundings of float32 math, and no separate activation pass."""
+    from dualvitok.blocks.inference import InferenceVisionMlp
+    from dualvitok.blocks.vit import quick_gelu
+
+    plain = _mlp()
+    fast = swap_inference_blocks(copy.deepcopy(plain), pack_linear=True)
+    assert isinstance(fast, InferenceVisionMlp) and isinstance(fast.fc1, InferenceLinear)
+    activations = []
+    real = packed.packed_linear
+    monkeypatch.setattr(packed, "packed_linear",
+                        lambda *a, activation="none": activations.append(activation) or real(*a, activation=activation))
+    x = torch.randn(2, 37, 64).bfloat16()
+    with torch.inference_mode():
+        out = fast(x)
+    assert activations == ["swish", "none"]
+    w1, b1, w2, b2 = (t.float() for t in (plain.fc1.weight, plain.fc1.bias, plain.fc2.weight, plain.fc2.bias))
+    exact = F.linear(quick_gelu(F.linear(x.float(), w1, b1)), w2, b2)
+    with torch.inference_mode():
+        reference = plain(x).float()  # the plain bf16 MLP: its error sets the scale
+    err, ref_err = (out.float() - exact).abs().max().item(), (reference - exact).abs().max().item()
+    assert out.shape == (2, 37, 64) and err <= 2 * ref_err + 1e-3, (err, ref_err)
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in fast.state_dict().items())  # weights unscaled
+
+
+def test_vision_mlp_is_plain_without_packing_or_quick_gelu(monkeypatch):
+    monkeypatch.setattr(packed, "packed_linear", lambda *a, **k: pytest.fail("the packed path ran"))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for mlp, pack in ((_mlp(), False), (_mlp("silu"), False)):
+        fast = swap_inference_blocks(copy.deepcopy(mlp), pack_linear=pack)
+        with torch.inference_mode():
+            assert torch.equal(fast(x), mlp(x))
+    gelu = swap_inference_blocks(_mlp("gelu"), pack_linear=True)  # another activation: not folded
+    calls = []
+    monkeypatch.setattr(packed, "packed_linear", lambda *a, activation="none": calls.append(activation) or
+                        torch.ops.mkldnn._linear_pointwise(*a, activation, [], ""))
+    with torch.inference_mode():
+        gelu(x)
+    assert "swish" not in calls
