@@ -7,8 +7,9 @@
    count of one 256x256 image (324 tokens), bf16: ``F.linear`` against :func:`dualvitok.blocks.packed.packed_linear`
    on a weight packed once, interleaved, best of 5 per round, with a square 2048 GEMM in the same round for scale.
 2. **Encode.** The same random-weight model prepared twice, ``optimize_for_inference(pack_linear=False)`` and
-   ``pack_linear=True`` (the rest of the plan fixed: fused convolutions off in both), encodes the bundled photo in
-   interleaved rounds; best and median, and whether the two give the same indices.
+   ``pack_linear=True`` (packed weights and the quick-GELU fold of the vision MLPs; the rest of the plan fixed:
+   fused convolutions off in both), encodes the bundled photo (``--batch`` copies) in interleaved rounds; best and
+   median, and whether the two give the same indices.
 
 Single timings on a shared machine move a lot; the ratios of one run are the figures to quote.
 """
