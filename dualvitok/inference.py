@@ -33,8 +33,8 @@ key:
 CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`),
 and the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weights where another one-time
 measurement finds that faster than ``F.linear`` (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy
-of those weights). Under ``torchrun``, ``dualvitok encode`` makes every rank take rank 0's choices
-(:func:`use_kernels`).
+of those weights). Under ``torchrun``, ``dualvitok encode`` and ``dualvitok evaluate`` make every rank take rank 0's
+choices (:func:`agree_on_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
 it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with

@@ -71,6 +71,13 @@ def _mkldnn_op(inplace: bool):
     return ops._convolution_pointwise_.binary if inplace else ops._convolution_pointwise.binary
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether a ``RuntimeError`` from a oneDNN operator is an allocation failure (re-raised, never taken for an
+    unsupported kind of arguments and answered with a fallback)."""
+    message = str(err).lower()
+    return "out of memory" in message or "not enough memory" in message
+
+
 def add(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
     """``a + b``, written into ``a`` when ``inplace``, autograd is off and that keeps ``a + b``'s dtype and shape
     (``a`` must then be a temporary the caller owns)."""
@@ -101,7 +108,7 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
             return _mkldnn_op(inplace=True)(residual, *args)
         return _mkldnn_op(inplace=False)(x, residual, *args[1:])
     except RuntimeError as err:  # an unsupported layout or build: remember this kind, use the plain operators
-        if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+        if is_out_of_memory(err):
             raise
         kind = _kind(x, residual, inplace)
         _refused.add(kind)

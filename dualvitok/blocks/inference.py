@@ -8,7 +8,7 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
 * the residual addition of ``ResnetBlock2d``/``AttnBlock2d`` goes into the last convolution (a oneDNN post-op on
   CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
 * ``nn.Linear`` computes from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is set
-  (:mod:`dualvitok.blocks.packed`);
+  (:mod:`dualvitok.blocks.packed`), and ``VisionMlp`` folds its quick-GELU into the first of those GEMMs;
 * ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
   place (the DC-up shortcut as a broadcast over views, nothing materialised at full size).
 
@@ -31,7 +31,7 @@ from ..validation import is_tracing, version_counter
 from . import packed
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, channel_average, space_to_channel
-from .fused import add, conv2d_add
+from .fused import add, conv2d_add, is_out_of_memory
 from .movq import MoVQDecoder
 from .norm import SpatialNorm, apply_norm
 from .resnet import ResnetBlock2d
@@ -133,7 +133,7 @@ class InferenceLinear(InferenceVariant, nn.Linear):
         try:
             return packed.packed_linear(x, *operands, activation=activation)
         except RuntimeError as err:
-            if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+            if is_out_of_memory(err):
                 raise
             self._refuse(f"the packed {tuple(self.weight.shape)} linear refused an input {tuple(x.shape)} ({err})")
             return None
