@@ -84,10 +84,10 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def emit_report(report: str, output: str | None) -> None:
-    """Print a Markdown report and, when ``output`` is given, write it there too (parent folders made)."""
+    """Print a Markdown report and, when ``output`` is given, write it there too (atomically, folders made)."""
+    from dualvitok._utils import atomic_write
+
     print("\n" + report)
     if output:
-        from pathlib import Path
-
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(report)
+        with atomic_write(output) as tmp:
+            tmp.write_text(report, encoding="utf-8")
