@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,4 +41,6 @@ class AttnBlock2d(nn.Module):
         hn = apply_norm(self.norm, x, zq)
         q, k, v = (conv(hn).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))  # [B,1,HW,C]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W]
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W], a view with channels_last strides
+        # in x's layout: a channels_last input to proj_out would make it copy its weight when x is contiguous
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()

@@ -242,8 +242,13 @@ class Quantizer(nn.Module):
 
     def _from_rows(self, rows: Tensor, spatial: tuple[int, ...]) -> Tensor:
         """``[B, L, D]`` -> the configured layout."""
-        x = rows.reshape(rows.shape[0], *spatial, self.dim)  # [B, *spatial, D]
-        return x.movedim(-1, 1) if self.channel_first else x
+        return self._to_layout(rows.reshape(rows.shape[0], *spatial, self.dim))  # [B, *spatial, D] first
+
+    def _to_layout(self, x: Tensor) -> Tensor:
+        """``[B, *spatial, D]`` -> the configured layout. Channel-first codes are made contiguous: a ``movedim`` view
+        has channels_last strides, and every convolution fed from it (the whole decoder, since a convolution's output
+        keeps its input's layout) would then copy its weights to channels_last on each call."""
+        return x.movedim(-1, 1).contiguous() if self.channel_first else x  # [B, D, *spatial]
 
     def check_indices(self, indices: Tensor) -> None:
         """Raise a clear error for indices of the wrong dtype or out of ``[0, codebook_size)``.
@@ -258,8 +263,7 @@ class Quantizer(nn.Module):
         Shape: ``indices [B, *spatial]`` -> ``[B, D, *spatial]`` (channel_first) or ``[B, *spatial, D]``.
         """
         self.check_indices(indices)
-        codes = self.codebook[indices.long()]  # [B, *spatial, D]
-        return codes.movedim(-1, 1) if self.channel_first else codes
+        return self._to_layout(self.codebook[indices.long()])  # [B, *spatial, D] first
 
     def _record_usage(self, indices: Tensor) -> None:
         if self.usage is not None:

@@ -156,5 +156,4 @@ class SimVQ(Quantizer):
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """``indices [B, *spatial]`` -> codes ``[B, D, *spatial]`` (channel_first) or ``[B, *spatial, D]``."""
         self.check_indices(indices)
-        codes = self.code_transform(self.frozen_codebook[indices.long()])  # [B, *spatial, D]
-        return codes.movedim(-1, 1) if self.channel_first else codes
+        return self._to_layout(self.code_transform(self.frozen_codebook[indices.long()]))  # [B, *spatial, D] first

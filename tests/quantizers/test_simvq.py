@@ -74,6 +74,9 @@ def test_indices_to_codes_round_trip_and_layouts():
 
     seq = vq(torch.randn(2, 8, 10))  # channel-first sequence [B, D, N]
     assert seq.indices.shape == (2, 10) and seq.quantized.shape == (2, 8, 10)
+    # channel-first codes are contiguous, not a movedim view with channels_last strides (which would make the
+    # convolutions after them copy their weights on every call)
+    assert out.quantized.is_contiguous() and vq.indices_to_codes(out.indices).is_contiguous()
 
 
 def test_search_runs_in_float32_under_autocast():
