@@ -66,6 +66,15 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor] | Tensor) -> Tensor:
     """Rotate ``x [..., L, H, d]`` by ``rope`` = ``(cos, sin)`` from :func:`rotary_cos_sin` (or raw ``angles
     [L, d/2]``), in float32; returns the input dtype."""
     cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope
-    dtype = x.dtype
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(dtype)
+    # x * cos + rotate_half(x) * sin, in halves: [x1 c - x2 s, x2 c + x1 s] (the tiled sin's halves are equal)
+    half = x.shape[-1] // 2
+    x1, x2, s = x[..., :half], x[..., half:], sin[..., :half]
+    out = x * cos  # float32 (type promotion reads a bf16 x without a float32 copy of it)
+    if x.dtype == torch.float32:
+        # products rounded before the sum, as in the reference's formula: bitwise the same values
+        out[..., :half].sub_(x2 * s)
+        out[..., half:].add_(x1 * s)
+        return out
+    out[..., :half].addcmul_(x2, s, value=-1)  # one pass per half; may round differently in the last float32 bit
+    out[..., half:].addcmul_(x1, s)
+    return out.to(x.dtype)

@@ -40,6 +40,33 @@ def test_rope_frequencies_and_relative_property():
     assert abs(score([1, 2], [3, 5]) - score([1, 2], [3, 6])) > 1e-3
 
 
+def _rotate_naive(t, cos, sin):
+    """The reference's formula: ``t * cos + rotate_half(t) * sin`` with the halves concatenated."""
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-t2, t1], -1) * sin
+
+
+def test_apply_rotary_equals_the_concatenated_formula():
+    torch.manual_seed(0)
+    cos, sin = rotary_cos_sin(VisionRotaryEmbedding(20)(grid_positions(6, 6, 2)))  # [36, 1, 40]
+    x = torch.randn(2, 36, 3, 4, 40)[:, :, :2]  # strided q, k of a qkv tensor: [B, L, 2, H, hd]
+    rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+    # float32: bitwise the reference's values (the float32 path gives the reference's indices)
+    assert torch.equal(apply_rotary(x, rope), _rotate_naive(x, *rope))
+    # bf16 inputs: computed in float32 and rounded once, within one bf16 rounding of the exact value
+    xb = x.bfloat16()
+    out = apply_rotary(xb, rope)
+    assert out.dtype == torch.bfloat16
+    exact = _rotate_naive(xb.double(), *(r.double() for r in rope))
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+    # gradients flow as through the formula (the semantic encoder's blocks are trained)
+    xg, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (apply_rotary(xg, rope) * g).sum().backward()
+    (_rotate_naive(xn, *rope) * g).sum().backward()
+    torch.testing.assert_close(xg.grad, xn.grad, atol=1e-6, rtol=0)
+
+
 def naive_block(block: VisionBlock, x, angles):
     b, n, c = x.shape
     heads = block.attn.num_heads
