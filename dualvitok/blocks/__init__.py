@@ -8,6 +8,7 @@ from .dc import Upsample2d as Upsample2d
 from .dc import channel_average as channel_average
 from .dc import channel_to_space as channel_to_space
 from .dc import space_to_channel as space_to_channel
+from .dc import space_to_channel_average as space_to_channel_average
 from .movq import MoVQDecoder as MoVQDecoder
 from .movq import MoVQEncoder as MoVQEncoder
 from .norm import SpatialNorm as SpatialNorm
@@ -32,5 +33,5 @@ __all__ = [
     "PatchMerger", "Qwen2VisionConfig", "Qwen2VisionTower", "ResnetBlock2d", "SpatialNorm", "Upsample2d",
     "VisionAttention", "VisionBlock", "VisionMlp", "VisionRotaryEmbedding", "apply_rotary", "channel_average",
     "channel_to_space", "grid_positions", "group_norm", "quick_gelu", "rotary_cos_sin", "rotate_half",
-    "space_to_channel",
+    "space_to_channel", "space_to_channel_average",
 ]

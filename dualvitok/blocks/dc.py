@@ -9,6 +9,7 @@ Parameter names (``conv``) are those of the reference checkpoint.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -19,6 +20,26 @@ def channel_average(x: Tensor, out_channels: int) -> Tensor:
     if channels % out_channels:
         raise ValueError(f"cannot average {channels} channels into {out_channels} groups")
     return x.unflatten(1, (out_channels, channels // out_channels)).mean(2)  # [B, out, group, H, W] -> [B, out, H, W]
+
+
+def space_to_channel_average(x: Tensor, out_channels: int) -> Tensor:
+    """The DC-down shortcut, ``channel_average(space_to_channel(x), out_channels)``: ``[B, C, H, W] ->
+    [B, out_channels, H/2, W/2]``.
+
+    With ``out_channels == C`` (every DC-down block of the released encoders) each group is one channel's 2x2
+    window, so this is 2x2 average pooling. It is computed from strided views, adding the four positions in the
+    order the channel mean adds them (accumulating bf16/fp16 in float32 as the mean does), so the values are
+    bitwise those of the unshuffle-and-mean, without materialising the space-to-channel copy.
+    """
+    channels, height, width = x.shape[1:]
+    if out_channels != channels or height % 2 or width % 2:
+        return channel_average(space_to_channel(x), out_channels)
+    acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    v = x.unflatten(2, (height // 2, 2)).unflatten(4, (width // 2, 2))  # [B, C, H/2, 2, W/2, 2]
+    out = v[:, :, :, 0, :, 0].to(acc) + v[:, :, :, 0, :, 1]  # a new tensor (never a view of x)
+    out += v[:, :, :, 1, :, 0]
+    out += v[:, :, :, 1, :, 1]
+    return out.div_(4).to(x.dtype)  # [B, C, H/2, W/2]
 
 
 def space_to_channel(x: Tensor, factor: int = 2) -> Tensor:
@@ -57,8 +78,7 @@ class DCDownBlock2d(nn.Module):
             raise ValueError(f"DCDownBlock2d needs even height and width, got {tuple(x.shape[-2:])}")
         h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
         if self.shortcut:
-            shortcut = channel_average(space_to_channel(x), self.out_channels)  # [B, 4C, H/2, W/2] -> [B, C_out, ..]
-            h = h + shortcut
+            h = h + space_to_channel_average(x, self.out_channels)  # [B, C_out, H/2, W/2]
         return h
 
 

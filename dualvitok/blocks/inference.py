@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..validation import is_tracing, version_counter
 from . import packed
 from .attention import AttnBlock2d
-from .dc import DCDownBlock2d, DCUpBlock2d, channel_average, space_to_channel
+from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_average
 from .fused import add, conv2d_add, is_out_of_memory
 from .movq import MoVQDecoder
 from .norm import SpatialNorm, apply_norm
@@ -215,7 +215,7 @@ class InferenceDCDownBlock2d(InferenceVariant, DCDownBlock2d):
         if x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"DCDownBlock2d needs even height and width, got {tuple(x.shape[-2:])}")
         h = space_to_channel(self.conv(x))  # [B, C_out, H/2, W/2]
-        return add(h, channel_average(space_to_channel(x), self.out_channels), inplace=True)
+        return add(h, space_to_channel_average(x, self.out_channels), inplace=True)
 
 
 class InferenceDCUpBlock2d(InferenceVariant, DCUpBlock2d):

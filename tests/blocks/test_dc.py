@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualvitok.blocks import DCDownBlock2d, DCUpBlock2d, channel_average, channel_to_space, space_to_channel
+from dualvitok.blocks import (
+    DCDownBlock2d,
+    DCUpBlock2d,
+    channel_average,
+    channel_to_space,
+    space_to_channel,
+    space_to_channel_average,
+)
 
 
 def test_space_channel_round_trip():
@@ -21,6 +28,28 @@ def test_down_shortcut_is_average_pooling():
     torch.nn.init.zeros_(block.conv.bias)
     x = torch.randn(2, 8, 6, 10)
     torch.testing.assert_close(block(x), F.avg_pool2d(x, 2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_down_shortcut_from_views_is_bitwise_the_unshuffle_mean(dtype, channels_last):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 16, 12, 20) * 10).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = space_to_channel_average(x, 16)
+    assert out.dtype == dtype and out.shape == (2, 16, 6, 10)
+    assert torch.equal(out, channel_average(space_to_channel(x), 16))
+    # other groupings (out_channels != C) take the unshuffle-and-mean route
+    assert torch.equal(space_to_channel_average(x, 32), channel_average(space_to_channel(x), 32))
+
+
+def test_down_shortcut_from_views_leaves_its_input_and_passes_gradients():
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    before = x.detach().clone()
+    space_to_channel_average(x, 4).sum().backward()
+    assert torch.equal(x.detach(), before)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.25))
 
 
 def test_up_shortcut_is_nearest_upsampling():
