@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .blocks.layout import to_layout_of
 from .blocks.movq import MoVQDecoder, MoVQEncoder
 from .configuration import MoVQConfig, QuantizerConfig
 from .outputs import PixelEncoderOutput
@@ -88,4 +89,6 @@ class PixelDecoder(nn.Module):
         self.decoder = movq_decoder(config)
 
     def forward(self, merged: Tensor) -> Tensor:
+        # codes in the decoder weights' layout (plain or, on the fast path, channels_last), whatever the caller's
+        merged = to_layout_of(merged, self.decoder.conv_in.weight)
         return self.decoder(self.post_quant_conv(merged), merged)

@@ -89,6 +89,9 @@ def test_plain_decoder_convolutions_see_their_weights_layout(tiny_model):
             enc = tiny_model.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
             tiny_model.decode_indices(enc.semantic_indices, enc.pixel_indices)
             tiny_model.decode(enc.semantic_codes, enc.pixel_codes)
+            cl = torch.channels_last  # codes a caller built as movedim views: the decoder takes them to its layout
+            tiny_model.decode(enc.semantic_codes.contiguous(memory_format=cl),
+                              enc.pixel_codes.contiguous(memory_format=cl))
     finally:
         for h in hooks:
             h.remove()

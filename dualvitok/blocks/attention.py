@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layout import to_layout_of
 from .norm import apply_norm, make_norm
 
 
@@ -42,5 +42,4 @@ class AttnBlock2d(nn.Module):
         q, k, v = (conv(hn).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))  # [B,1,HW,C]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W], a view with channels_last strides
-        # in x's layout: a channels_last input to proj_out would make it copy its weight when x is contiguous
-        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        return to_layout_of(out, x)  # a channels_last input would make a contiguous proj_out copy its weight

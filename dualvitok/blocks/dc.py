@@ -28,9 +28,12 @@ def space_to_channel_average(x: Tensor, out_channels: int) -> Tensor:
 
     With ``out_channels == C`` (every DC-down block of the released encoders) each group is one channel's 2x2
     window, so this is 2x2 average pooling. It is computed from strided views, adding the four positions in the
-    order the channel mean adds them (accumulating bf16/fp16 in float32 as the mean does), so the values are
-    bitwise those of the unshuffle-and-mean, without materialising the space-to-channel copy.
+    order the channel mean adds them (accumulating bf16/fp16 in float32 as the mean does), so the values equal
+    those of the unshuffle-and-mean (tested on CPU; a sum of four -0.0 may give -0.0 for +0.0), without
+    materialising the space-to-channel copy.
     """
+    if x.ndim != 4:
+        raise ValueError(f"space_to_channel_average expects [B, C, H, W], got shape {tuple(x.shape)}")
     channels, height, width = x.shape[1:]
     if out_channels != channels or height % 2 or width % 2:
         return channel_average(space_to_channel(x), out_channels)

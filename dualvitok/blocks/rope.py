@@ -1,7 +1,8 @@
 """2D rotary position embedding of the Qwen2-VL vision tower (Su et al., RoFormer; Qwen2-VL, arXiv 2409.12191).
 
 A head of size ``d`` is rotated with ``d/4`` frequencies for the row and ``d/4`` for the column:
-angles ``[row * f, col * f]`` (``d/2`` values), tiled to ``d`` and applied with ``rotate_half`` in float32.
+angles ``[row * f, col * f]`` (``d/2`` values), tiled to ``d`` and applied as ``x cos + rotate_half(x) sin`` in
+float32.
 """
 
 from __future__ import annotations
@@ -64,17 +65,16 @@ def rotary_cos_sin(angles: Tensor) -> tuple[Tensor, Tensor]:
 
 def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor] | Tensor) -> Tensor:
     """Rotate ``x [..., L, H, d]`` by ``rope`` = ``(cos, sin)`` from :func:`rotary_cos_sin` (or raw ``angles
-    [L, d/2]``), in float32; returns the input dtype."""
+    [L, d/2]``), in float32 (float64 for a float64 ``x``); returns the input dtype.
+
+    ``x * cos + rotate_half(x) * sin`` computed by halves, ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``, without the
+    concatenated copy of ``rotate_half``: the same products and sums, so bitwise the formula's values.
+    """
     cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope
-    # x * cos + rotate_half(x) * sin, in halves: [x1 c - x2 s, x2 c + x1 s] (the tiled sin's halves are equal)
+    cos, sin = cos.float(), sin.float()
     half = x.shape[-1] // 2
-    x1, x2, s = x[..., :half], x[..., half:], sin[..., :half]
-    out = x * cos  # float32 (type promotion reads a bf16 x without a float32 copy of it)
-    if x.dtype == torch.float32:
-        # products rounded before the sum, as in the reference's formula: bitwise the same values
-        out[..., :half].sub_(x2 * s)
-        out[..., half:].add_(x1 * s)
-        return out
-    out[..., :half].addcmul_(x2, s, value=-1)  # one pass per half; may round differently in the last float32 bit
-    out[..., half:].addcmul_(x1, s)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos  # float32 (a bf16 x is promoted)
+    out[..., :half].sub_(x2 * sin[..., :half])
+    out[..., half:].add_(x1 * sin[..., half:])
     return out.to(x.dtype)

@@ -33,6 +33,20 @@ def test_attention_block_matches_naive_softmax():
     torch.testing.assert_close(block(x), x + block.proj_out(out), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_output_keeps_the_input_layout():
+    """A channels_last-strided attention output in a contiguous model would make proj_out copy its weight per call;
+    in the fast path's channels_last model the output stays channels_last (no copy)."""
+    torch.manual_seed(0)
+    block = AttnBlock2d(32).eval()
+    x = torch.randn(2, 32, 4, 6)
+    with torch.no_grad():
+        plain = block.attend(x)
+        cl = block.attend(x.contiguous(memory_format=torch.channels_last))
+    assert plain.is_contiguous()
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    torch.testing.assert_close(plain, cl, atol=1e-6, rtol=0)
+
+
 def test_resnet_block_shortcut_and_conditioning():
     torch.manual_seed(0)
     block = ResnetBlock2d(32, 64)
