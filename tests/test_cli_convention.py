@@ -63,11 +63,15 @@ def test_same_named_inputs_get_distinct_outputs(tmp_path):
         output_names([Path("x/photo.jpg"), Path("x/photo.jpg")])
 
 
-@pytest.mark.parametrize("argv", [["--max-pixels", "0"], ["--size", "-16", "-16"]])
-def test_nonsense_sizes_are_refused_by_the_parser(argv, capsys):
+@pytest.mark.parametrize("command", ["reconstruct", "encode"])
+@pytest.mark.parametrize("argv, message", [(["--max-pixels", "0"], "must be at least 1024"),
+                                           (["--size", "-16", "-16"], "positive multiples of 16"),
+                                           (["--size", "100", "64"], "positive multiples of 16")])
+def test_nonsense_sizes_are_refused_by_the_parser(command, argv, message, capsys):
+    """Every command that resizes images checks --size and --max-pixels the same way, before any work."""
     with pytest.raises(SystemExit) as info:
-        build_parser().parse_args(["reconstruct", *argv])
-    assert info.value.code == 2 and "positive integer" in capsys.readouterr().err
+        build_parser().parse_args([command, *argv, *(["x", "--output", "y"] if command == "encode" else [])])
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_refiner_flag_without_an_attached_refiner_fails_before_generating():

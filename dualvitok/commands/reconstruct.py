@@ -12,7 +12,8 @@ import torch
 from .._utils import save_image
 from .._utils.files import has_image_suffix, scan_images
 from ..devices import resolve_device
-from ._args import add_device, add_dtype, add_model, add_output, dtype_of, positive_int
+from . import _args
+from ._args import add_device, add_dtype, add_model, add_output, dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("images", nargs="*", help="image files or folders (default: the bundled sample photos)")
     add_model(p)
     add_output(p, "reconstructions")
-    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--size", type=_args.image_side, nargs=2, metavar=("H", "W"),
                    help="resize every image to H x W (multiples of 16) (default: the --max-pixels policy)")
-    p.add_argument("--max-pixels", type=positive_int, default=256 * 256,
+    p.add_argument("--max-pixels", type=_args.max_pixels, default=256 * 256,
                    help="area bound of the size policy (default: 65536 = 256*256)")
     add_device(p)
     add_dtype(p, help="float32 (the reference numerics) or a fast path via optimize_for_inference")
