@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from _common import emit_report, machine, table
 
+from dualvitok._utils.timing import interleaved_times
 from dualvitok.blocks import (
     VisionRotaryEmbedding,
     apply_rotary,
@@ -43,19 +43,6 @@ from dualvitok.inference import cpu_bf16_support
 from dualvitok.loading import load_model
 
 
-def interleaved(runs: dict, rounds: int) -> dict[str, list[float]]:
-    """Wall times of each run per round (one warm-up call each first), the runs called in turn within a round."""
-    for fn in runs.values():
-        fn()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def ratio_row(label: str, times: dict[str, list[float]], old: str, new: str, unit: float, equal: str) -> list[str]:
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -68,8 +55,7 @@ def decoder_rows(size: int, rounds: int) -> list[list[str]]:
     torch.manual_seed(0)
     with torch.inference_mode():
         enc = model.encode(torch.rand(1, 3, size, size) * 2 - 1)
-        semantic, pixel = enc.semantic_codes.contiguous(), enc.pixel_codes.contiguous()
-        merged = model.merge_codes(semantic, pixel)  # [1, z_s + z_p, h, w], contiguous
+        merged = model.merge_codes(enc.semantic_codes, enc.pixel_codes)  # [1, z_s + z_p, h, w], contiguous
         branch = model.pixel_decoder_branch
         old_layout = merged.contiguous(memory_format=torch.channels_last)  # what movedim views used to give
 
@@ -77,7 +63,7 @@ def decoder_rows(size: int, rounds: int) -> list[list[str]]:
             return branch.decoder(branch.post_quant_conv(old_layout), old_layout)
 
         outs = {}
-        times = interleaved({"old": lambda: outs.__setitem__("old", old()),
+        times = interleaved_times({"old": lambda: outs.__setitem__("old", old()),
                              "new": lambda: outs.__setitem__("new", branch(merged))}, rounds)
     diff = (outs["old"] - outs["new"]).abs().max().item()
     label = f"float32 decoder, {size}x{size}, channels_last codes -> contiguous (s)"
@@ -96,7 +82,7 @@ def rope_rows(rounds: int, batches: list[int]) -> list[list[str]]:
         for batch in batches:
             x = torch.randn(batch, 324, 3, 16, 80).to(dtype)[:, :, :2]  # q, k of a qkv tensor
             equal = torch.equal(apply_rotary(x, rope), concatenated(x))
-            times = interleaved({"old": lambda x=x: concatenated(x), "new": lambda x=x: apply_rotary(x, rope)},
+            times = interleaved_times({"old": lambda x=x: concatenated(x), "new": lambda x=x: apply_rotary(x, rope)},
                                 rounds * 5)
             rows.append(ratio_row(f"RoPE, {str(dtype)[6:]}, [{batch}, 324, 2, 16, 80] (ms)", times, "old", "new",
                                   1e3, "bitwise" if equal else "NOT equal"))
@@ -111,7 +97,7 @@ def shortcut_rows(rounds: int, size: int) -> list[list[str]]:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             equal = torch.equal(space_to_channel_average(x, 128), channel_average(space_to_channel(x), 128))
-            times = interleaved({"old": lambda x=x: channel_average(space_to_channel(x), 128),
+            times = interleaved_times({"old": lambda x=x: channel_average(space_to_channel(x), 128),
                                  "new": lambda x=x: space_to_channel_average(x, 128)}, rounds * 5)
             layout = "channels_last" if channels_last else "contiguous"
             rows.append(ratio_row(f"DC-down shortcut, {str(dtype)[6:]}, [1, 128, {size}, {size}] {layout} (ms)",

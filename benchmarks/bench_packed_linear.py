@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from _common import best_time, emit_report, machine, table
 
 from dualvitok import ImageProcessor
+from dualvitok._utils.timing import interleaved_times
 from dualvitok.assets import sample_images
 from dualvitok.blocks import packed
 from dualvitok.inference import cpu_bf16_support
@@ -68,14 +68,9 @@ def encode_rows(model_name: str, sizes: list[int], batch: int, rounds: int) -> l
     rows = []
     for size in sizes:
         x = ImageProcessor(size=(size, size))(sample_images()[0]).expand(batch, -1, -1, -1).contiguous()
-        times = {k: [] for k in paths}
         with torch.inference_mode():
-            outputs = {k: m.encode(x) for k, m in paths.items()}  # warm-up; packs on the first call
-            for _ in range(rounds):
-                for k, m in paths.items():
-                    t0 = time.perf_counter()
-                    m.encode(x)
-                    times[k].append(time.perf_counter() - t0)
+            outputs = {k: m.encode(x) for k, m in paths.items()}  # packs on the first call
+            times = interleaved_times({k: (lambda m=m, x=x: m.encode(x)) for k, m in paths.items()}, rounds)
         same = all(torch.equal(getattr(outputs["plain"], f), getattr(outputs["packed"], f))
                    for f in ("semantic_indices", "pixel_indices"))
         best = {k: min(v) for k, v in times.items()}
