@@ -13,7 +13,8 @@ What it does:
 2. Saves the inputs (the bundled photos, resized and centre-cropped to each size) once, so every path sees the
    same tensors.
 3. For each of ``--rounds`` rounds, runs one process per path in turn -- ``reference`` (float32), ``fp32``
-   (``DualViTok.from_reference``) and ``fast`` (the same, then ``optimize_for_inference()``) -- so the paths are
+   (``DualViTok.from_reference``) and ``fast`` (the same, then ``optimize_for_inference()``), and with ``--paths``
+   ``fast_kept`` (the fast path with freed buffers kept for reuse, as ``dualvitok encode`` runs) -- so the paths are
    interleaved and each one's peak RSS (``ru_maxrss``) is its own. Each process times ``encode`` and ``decode``
    (from the indices) once per configuration, after a warm-up call on the first one, and saves its indices and
    reconstructions.
@@ -45,7 +46,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("reference", "fp32", "fast")
+PATHS = ("reference", "fp32", "fast", "fast_kept")
+DEFAULT_PATHS = "reference,fp32,fast"
+"""``fast_kept`` is the fast path in a process where ``keep_freed_cpu_memory()`` keeps freed buffers for reuse, as
+``dualvitok encode`` runs it (the other paths keep glibc's default allocator settings)."""
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -79,7 +83,7 @@ def _our_model(path: str, work: Path):
 
     model = DualViTok.from_reference(str(work / "config.json"), str(work / "weights.safetensors")).eval()
     model.requires_grad_(False)
-    if path == "fast":
+    if path in ("fast", "fast_kept"):
         model.optimize_for_inference()
     return model
 
@@ -94,6 +98,11 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     configs = json.loads(args.configs)
+    if args.worker == "fast_kept":
+        from dualvitok.devices import keep_freed_cpu_memory
+
+        if not keep_freed_cpu_memory():
+            raise SystemExit("fast_kept: keep_freed_cpu_memory() does not apply here (glibc's mallopt is missing)")
     if args.worker == "reference":
         config = json.loads((work / "config.json").read_text())
         model = _reference_model(Path(args.reference_src), config).eval().requires_grad_(False)
@@ -214,13 +223,13 @@ def _save_inputs(work: Path, sizes: list[int], batch: int) -> None:
         save_file({"image": x.contiguous()}, str(work / f"inputs_{size}.safetensors"))
 
 
-def _compare(work: Path, configs: list) -> list[list[object]]:
+def _compare(work: Path, configs: list, paths: list[str]) -> list[list[object]]:
     from safetensors.torch import load_file
 
     rows = []
     for size, batch in configs:
         ref = load_file(str(work / f"out_reference_{size}_{batch}.safetensors"))
-        for path in ("fp32", "fast"):
+        for path in paths[1:]:
             ours = load_file(str(work / f"out_{path}_{size}_{batch}.safetensors"))
             eq = {k: (ours[k] == ref[k]).float().mean().item() for k in ("semantic_indices", "pixel_indices")}
             mse = (ours["reconstruction"] - ref["reconstruction"]).pow(2).mean().item()
@@ -241,6 +250,9 @@ def main() -> None:
                         help="JSON config in the reference's nested layout (default: dualvitok_anyres_max512.py)")
     parser.add_argument("--configs", default="256x1,256x8,512x1", help="SIZExBATCH list (default: 256x1,256x8,512x1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best and median over them")
+    parser.add_argument("--paths", default=DEFAULT_PATHS,
+                        help=f"paths to time, comma-separated, from {', '.join(PATHS)} (default: {DEFAULT_PATHS}; "
+                             "the reference is always first)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every path (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for weights, inputs and outputs (default: a temp dir)")
@@ -278,6 +290,9 @@ def main() -> None:
                     pixel_drop_rate=None, pixel_drop_batch_rate=0.1, pixel_noise_type="random")
         args.configs, args.rounds = "64x1,64x2", 1
     configs = [[int(v) for v in c.lower().split("x")] for c in args.configs.split(",")]
+    paths = ["reference"] + [p for p in dict.fromkeys(args.paths.split(",")) if p and p != "reference"]
+    if set(paths) - set(PATHS) or len(paths) < 2:
+        parser.error(f"--paths {args.paths!r}: expected the reference and at least one of {', '.join(PATHS[1:])}")
     if args.report_only and not args.work:
         parser.error("--report-only needs the --work folder of the run")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_reference_"))
@@ -306,7 +321,7 @@ def main() -> None:
         _save_inputs(work, sorted({s for s, _ in configs}), max(b for _, b in configs))
         log.unlink(missing_ok=True)
         for r in range(args.rounds):
-            for path in PATHS:
+            for path in paths:
                 python, env = ((args.reference_python, _reference_env(args)) if path == "reference"
                                else (sys.executable, _our_env(args)))
                 out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
@@ -317,7 +332,9 @@ def main() -> None:
                       + ", ".join(f"{x['size']}x{x['batch']} {x['encode'] + x['decode']:.2f}s" for x in out["runs"]),
                       flush=True)
     outs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    if not {o["path"] for o in outs} >= set(PATHS):
+    if args.report_only:  # the paths of the run
+        paths = [p for p in PATHS if p in {o["path"] for o in outs}]
+    if not {o["path"] for o in outs} >= set(paths):
         raise SystemExit(f"{log} has no complete round: run without --report-only first")
     rounds = len({o["round"] for o in outs})
     times: dict[tuple, list[float]] = {}
@@ -338,29 +355,35 @@ def main() -> None:
     peak_range = {k: (min(v), statistics.median(v), max(v)) for k, v in measured_peaks.items()}
     peaks = {k: max(v) for k, v in measured_peaks.items()}
     flops = _flops(work, configs)
+    ours = paths[1:]
     rows = []
     for size, batch in configs:
         for stage in ("encode", "decode", "encode+decode"):
-            t = {p: times[(p, size, batch, stage)] for p in PATHS}
+            t = {p: times[(p, size, batch, stage)] for p in paths}
             best = {p: min(v) for p, v in t.items()}
             med = {p: statistics.median(v) for p, v in t.items()}
             f = flops[(size, batch, stage)]
-            rows.append([f"{size}x{size}", batch, stage, f"{best['reference']:.3f}", f"{best['fp32']:.3f}",
-                         f"{best['fast']:.3f}", f"{best['reference'] / best['fp32']:.2f}x / "
-                         f"{med['reference'] / med['fp32']:.2f}x", f"**{best['reference'] / best['fast']:.2f}x** / "
-                         f"{med['reference'] / med['fast']:.2f}x", f"{f / best['fp32'] / peaks['fp32']:.0%}",
-                         f"{f / best['fast'] / peaks['bf16']:.0%}"])
-    timing = table(["size", "batch", "stage", "reference s (best)", "fp32 s", "fast s", "fp32 vs ref (best / median)",
-                    "fast vs ref (best / median)", "fp32 % fp32 peak", "fast % bf16 peak"], rows)
-    memory = table(["path", "peak RSS (GiB)"], [[p, f"{rss[p] / 2**30:.2f}"] for p in PATHS])
+            row = [f"{size}x{size}", batch, stage, f"{best['reference']:.3f}"] + [f"{best[p]:.3f}" for p in ours]
+            for p in ours:
+                ratio = f"{best['reference'] / best[p]:.2f}x / {med['reference'] / med[p]:.2f}x"
+                row.append(ratio if p == "fp32" else f"**{ratio.replace(' /', '** /', 1)}")
+            for p in ours:
+                kind = "fp32" if p == "fp32" else "bf16"
+                row.append(f"{f / best[p] / peaks[kind]:.0%} / {f / best[p] / peak_range[kind][1]:.0%}")
+            rows.append(row)
+    timing = table(["size", "batch", "stage", "reference s (best)"] + [f"{p} s" for p in ours]
+                   + [f"{p} vs ref (best / median)" for p in ours]
+                   + [f"{p} % {'fp32' if p == 'fp32' else 'bf16'} peak (max / median)" for p in ours], rows)
+    memory = table(["path", "peak RSS (GiB)"], [[p, f"{rss[p] / 2**30:.2f}"] for p in paths])
     quality = table(["size", "batch", "path", "semantic idx = ref", "pixel idx = ref", "PSNR vs ref (dB)",
-                     "max abs diff"], _compare(work, configs))
+                     "max abs diff"], _compare(work, configs, paths))
     spread = ", ".join(f"{k} {lo / 1e9:,.0f} / {mid / 1e9:,.0f} / {hi / 1e9:,.0f}"
                        for k, (lo, mid, hi) in peak_range.items())
     report = (f"Machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 matrix support: "
               f"{_bf16_support()}; {rounds} interleaved rounds, {args.threads} threads\n\n"
               f"GEMM peak (GFLOP/s; min / median / max of {len(measured_peaks['fp32'])} measurements, one after each "
-              f"path's timings): {spread}. The % columns use the max.\n\n{timing}\n\n{memory}\n\n{quality}\n")
+              f"path's timings): {spread}. The % columns use the max and the median.\n\n"
+              f"{timing}\n\n{memory}\n\n{quality}\n")
     print("\n" + report)
     if args.output:
         Path(args.output).write_text(report)

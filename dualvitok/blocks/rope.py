@@ -68,13 +68,16 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor] | Tensor) -> Tensor:
     [L, d/2]``), in float32 (float64 for a float64 ``x``); returns the input dtype.
 
     ``x * cos + rotate_half(x) * sin`` computed by halves, ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``, without the
-    concatenated copy of ``rotate_half``: the same products and sums, so bitwise the formula's values.
+    concatenated copy of ``rotate_half``: the same products and sums, so bitwise the formula's values. A bf16/fp16
+    ``x`` (often a strided view of a fused qkv projection) is cast to float32 once, contiguous, rather than by each
+    of the three products.
     """
     cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope
     cos, sin = cos.float(), sin.float()
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = x * cos  # float32 (a bf16 x is promoted)
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # exact: the products' own promotion
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = xf * cos
     out[..., :half].sub_(x2 * sin[..., :half])
     out[..., half:].add_(x1 * sin[..., half:])
     return out.to(x.dtype)

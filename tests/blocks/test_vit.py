@@ -58,6 +58,14 @@ def test_apply_rotary_equals_the_concatenated_formula():
     out = apply_rotary(xb, rope)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, _rotate_naive(xb.float(), *rope).bfloat16())
+    # strided bf16 / fp16 views (q, k of a low-precision qkv projection), cast once: the same values, input untouched
+    for dtype in (torch.bfloat16, torch.float16):
+        qkv = torch.randn(2, 36, 3, 4, 40).to(dtype)
+        before = qkv.clone()
+        out = apply_rotary(qkv[:, :, :2], rope)
+        assert out.dtype == dtype
+        assert torch.equal(out, _rotate_naive(qkv[:, :, :2].float(), *rope).to(dtype))
+        assert torch.equal(qkv, before)
     # any (cos, sin), not only tiled ones: both halves of sin are used
     own = (torch.randn_like(rope[0]), torch.randn_like(rope[1]))
     assert torch.equal(apply_rotary(x, own), _rotate_naive(x, *own))
