@@ -48,6 +48,7 @@ __all__ = ["warmup_factor", "warmup_scheduler", "seed_everything", "CheckpointFo
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.pt)?$")  # a file (``.pt``) or a sharded folder
 TEMP_NAME = re.compile(r"^\.checkpoint-\d+(\.pt)?\..*tmp.*$")  # atomic_write's temporary files, temporary folders
+SET_ASIDE_NAME = re.compile(r"^\.(checkpoint-\d+)\.old$")  # a sharded folder moved aside while replaced
 
 
 # ---------------------------------------------------------------------------------------------- schedule, seeds
@@ -113,12 +114,43 @@ class CheckpointFolder:
         entries = self.entries()
         return entries[-1][1] if entries else None
 
+    def replace_folder(self, complete: Path, final: Path) -> None:
+        """Rename the complete folder ``complete`` to ``final`` (a sharded checkpoint), replacing an existing one.
+
+        A folder cannot be renamed over a non-empty one, so an existing ``final`` is first moved aside to
+        ``.<name>.old`` and deleted only after the rename: a process killed in between leaves the old folder, which
+        :meth:`clean_temporary` puts back at start-up. At every moment one complete folder of that step exists.
+        """
+        if not final.exists():
+            os.replace(complete, final)
+            return
+        aside = final.with_name(f".{final.name}.old")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+        os.replace(complete, final)
+        shutil.rmtree(aside, ignore_errors=True)
+
     def clean_temporary(self) -> list[Path]:
-        """Remove temporary files and folders of interrupted writes (``.checkpoint-N.pt.*.tmp``); returns them."""
+        """Remove temporary files and folders of interrupted writes (``.checkpoint-N.pt.*.tmp``); returns them.
+
+        A sharded checkpoint set aside by an interrupted :meth:`replace_folder` (``.checkpoint-N.old``) is put back
+        where its replacement never arrived, and removed where it did.
+        """
         removed = []
         if not self.folder.is_dir():
             return removed
         for entry in self.folder.iterdir():
+            aside = SET_ASIDE_NAME.match(entry.name)
+            if aside and entry.is_dir() and not entry.is_symlink():
+                final = self.folder / aside.group(1)
+                if final.exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+                else:
+                    os.replace(entry, final)
+                    logger.warning("restored %s: a save of that step was interrupted while replacing it", final)
+                continue
             if TEMP_NAME.match(entry.name):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)

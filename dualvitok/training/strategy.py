@@ -231,9 +231,7 @@ class FSDPStrategy(Strategy):
         if self.dist.is_main:
             meta = dict(state, ema_decay=None if ema is None else ema.decay, sharded=True)
             save_checkpoint(tmp / SHARDED_STATE_FILE, meta)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # the folder appears complete or not at all
+            checkpoints.replace_folder(tmp, final)  # the folder appears complete or not at all
             checkpoints.rotate(final)
             logger.info("saved sharded checkpoint %s", final)
         self.barrier()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -254,3 +255,47 @@ def test_checkpoint_in_a_sharded_folder_is_not_listed_until_complete(tmp_path):
     (tmp_path / "checkpoint-00000002").mkdir()
     save_checkpoint(tmp_path / "checkpoint-00000001.pt", {"step": 1})
     assert [s for s, _ in folder.entries()] == [1, 2]
+
+
+def _shards(folder, text):
+    folder.mkdir()
+    (folder / "shard.distcp").write_text(text)
+
+
+def test_replacing_a_sharded_folder_keeps_one_complete_folder_through_a_kill(tmp_path, monkeypatch):
+    folder = CheckpointFolder(tmp_path)
+    final = folder.path(3, sharded=True)
+    _shards(final, "old")
+    _shards(tmp_path / ".checkpoint-00000003.tmp", "new")
+    folder.replace_folder(tmp_path / ".checkpoint-00000003.tmp", final)
+    assert (final / "shard.distcp").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003"]  # nothing set aside is left
+
+    # killed after the old folder was moved aside, before the new one was renamed into place
+    _shards(tmp_path / ".checkpoint-00000003.tmp", "newer")
+    real_replace = os.replace
+    calls = []
+
+    def dies_on_the_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        folder.replace_folder(tmp_path / ".checkpoint-00000003.tmp", final)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not final.exists() and (tmp_path / ".checkpoint-00000003.old").is_dir()
+    assert folder.entries() == []  # neither the set-aside nor the temporary folder is a checkpoint
+    # start-up: the complete old folder comes back, the unfinished one goes
+    removed = folder.clean_temporary()
+    assert [p.name for p in removed] == [".checkpoint-00000003.tmp"]
+    assert (final / "shard.distcp").read_text() == "new"
+    assert [s for s, _ in folder.entries()] == [3]
+
+    # killed after the new folder arrived, before the old one was deleted: the old one is removed at start-up
+    _shards(tmp_path / ".checkpoint-00000003.old", "stale")
+    assert [p.name for p in folder.clean_temporary()] == [".checkpoint-00000003.old"]
+    assert (final / "shard.distcp").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003"]
