@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
+from functools import partial
 
 import torch
 from _common import emit_report, machine, table
 
 from dualvitok import ImageProcessor
+from dualvitok._utils.timing import interleaved_times
 from dualvitok.assets import sample_images
 from dualvitok.inference import cpu_bf16_support
 from dualvitok.loading import load_model
@@ -49,15 +50,9 @@ def main() -> None:
         converted = ", ".join(n for n, d in fast.inference_plan.stage_dtypes.items() if d != "float32") or "none"
         for size in args.sizes:
             x = ImageProcessor(size=(size, size))(photo)
-            times = {"fp32": [], "fast": []}
-            with torch.inference_mode():
-                for model in (fp32, fast):
-                    _call(model, x)  # warm-up (oneDNN primitives for these shapes)
-                for _ in range(args.rounds):
-                    for path, model in (("fp32", fp32), ("fast", fast)):
-                        t0 = time.perf_counter()
-                        _call(model, x)
-                        times[path].append(time.perf_counter() - t0)
+            with torch.inference_mode():  # after a warm-up call of each (oneDNN primitives for these shapes)
+                times = interleaved_times({"fp32": partial(_call, fp32, x), "fast": partial(_call, fast, x)},
+                                          args.rounds)
             best = {k: min(v) for k, v in times.items()}
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append([name, f"{size}x{size}", f"{best['fp32'] * 1e3:,.1f}", f"{best['fast'] * 1e3:,.1f}",

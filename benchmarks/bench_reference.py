@@ -14,7 +14,8 @@ What it does:
    same tensors.
 3. For each of ``--rounds`` rounds, runs one process per path in turn -- ``reference`` (float32), ``fp32``
    (``DualViTok.from_reference``) and ``fast`` (the same, then ``optimize_for_inference()``), and with ``--paths``
-   ``fast_kept`` (the fast path with freed buffers kept for reuse, as ``dualvitok encode`` runs) -- so the paths are
+   ``reference_kept`` (the reference with freed buffers kept for reuse, as the fast path's CPU plan sets it) and
+   ``fast_default_malloc`` (``optimize_for_inference(keep_freed_memory=False)``) -- so the paths are
    interleaved and each one's peak RSS (``ru_maxrss``) is its own. Each process times ``encode`` and ``decode``
    (from the indices) once per configuration, after a warm-up call on the first one, and saves its indices and
    reconstructions.
@@ -46,10 +47,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("reference", "fp32", "fast", "fast_kept")
+PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc")
 DEFAULT_PATHS = "reference,fp32,fast"
-"""``fast_kept`` is the fast path in a process where ``keep_freed_cpu_memory()`` keeps freed buffers for reuse, as
-``dualvitok encode`` runs it (the other paths keep glibc's default allocator settings)."""
+"""The fast path's CPU plan keeps freed buffers for reuse (``keep_freed_cpu_memory()``, process-wide) unless told not
+to: ``fast_default_malloc`` leaves glibc's allocator alone, as the reference and the float32 path run, and
+``reference_kept`` gives the reference the fast path's setting."""
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -83,8 +85,10 @@ def _our_model(path: str, work: Path):
 
     model = DualViTok.from_reference(str(work / "config.json"), str(work / "weights.safetensors")).eval()
     model.requires_grad_(False)
-    if path in ("fast", "fast_kept"):
-        model.optimize_for_inference()
+    if path == "fast":
+        model.optimize_for_inference()  # the default plan (on CPU: freed buffers kept for reuse)
+    elif path == "fast_default_malloc":
+        model.optimize_for_inference(keep_freed_memory=False)
     return model
 
 
@@ -98,12 +102,15 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     configs = json.loads(args.configs)
-    if args.worker == "fast_kept":
-        from dualvitok.devices import keep_freed_cpu_memory
+    if args.worker == "reference_kept":  # the fast path's allocator setting, from dualvitok/devices.py alone
+        import importlib.util  # (the reference's process does not import this library)
 
-        if not keep_freed_cpu_memory():
-            raise SystemExit("fast_kept: keep_freed_cpu_memory() does not apply here (glibc's mallopt is missing)")
-    if args.worker == "reference":
+        spec = importlib.util.spec_from_file_location("_devices", HERE.parent / "dualvitok" / "devices.py")
+        devices = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(devices)
+        if not devices.keep_freed_cpu_memory():
+            raise SystemExit("reference_kept: keep_freed_cpu_memory() does not apply here (no glibc mallopt)")
+    if args.worker.startswith("reference"):
         config = json.loads((work / "config.json").read_text())
         model = _reference_model(Path(args.reference_src), config).eval().requires_grad_(False)
         from safetensors.torch import load_file
@@ -322,7 +329,7 @@ def main() -> None:
         log.unlink(missing_ok=True)
         for r in range(args.rounds):
             for path in paths:
-                python, env = ((args.reference_python, _reference_env(args)) if path == "reference"
+                python, env = ((args.reference_python, _reference_env(args)) if path.startswith("reference")
                                else (sys.executable, _our_env(args)))
                 out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
                            + (["--save-outputs"] if r == 0 else []), env=env)
@@ -355,7 +362,9 @@ def main() -> None:
     peak_range = {k: (min(v), statistics.median(v), max(v)) for k, v in measured_peaks.items()}
     peaks = {k: max(v) for k, v in measured_peaks.items()}
     flops = _flops(work, configs)
-    ours = paths[1:]
+    ours = [p for p in paths if not p.startswith("reference")]
+    bases = [p for p in paths if p.startswith("reference")]  # ratio columns: every other path against each of them
+    pairs = [(p, b) for b in bases for p in paths if p != b and not (p.startswith("reference") and b != "reference")]
     rows = []
     for size, batch in configs:
         for stage in ("encode", "decode", "encode+decode"):
@@ -363,16 +372,16 @@ def main() -> None:
             best = {p: min(v) for p, v in t.items()}
             med = {p: statistics.median(v) for p, v in t.items()}
             f = flops[(size, batch, stage)]
-            row = [f"{size}x{size}", batch, stage, f"{best['reference']:.3f}"] + [f"{best[p]:.3f}" for p in ours]
-            for p in ours:
-                ratio = f"{best['reference'] / best[p]:.2f}x / {med['reference'] / med[p]:.2f}x"
-                row.append(ratio if p == "fp32" else f"**{ratio.replace(' /', '** /', 1)}")
+            row = [f"{size}x{size}", batch, stage] + [f"{best[p]:.3f}" for p in paths]
+            for p, b in pairs:
+                ratio = f"{best[b] / best[p]:.2f}x / {med[b] / med[p]:.2f}x"
+                row.append(f"**{ratio.replace(' /', '** /', 1)}" if p.startswith("fast") else ratio)
             for p in ours:
                 kind = "fp32" if p == "fp32" else "bf16"
                 row.append(f"{f / best[p] / peaks[kind]:.0%} / {f / best[p] / peak_range[kind][1]:.0%}")
             rows.append(row)
-    timing = table(["size", "batch", "stage", "reference s (best)"] + [f"{p} s" for p in ours]
-                   + [f"{p} vs ref (best / median)" for p in ours]
+    timing = table(["size", "batch", "stage"] + [f"{p} s (best)" for p in paths]
+                   + [f"{p} vs {b} (best / median)" for p, b in pairs]
                    + [f"{p} % {'fp32' if p == 'fp32' else 'bf16'} peak (max / median)" for p in ours], rows)
     memory = table(["path", "peak RSS (GiB)"], [[p, f"{rss[p] / 2**30:.2f}"] for p in paths])
     quality = table(["size", "batch", "path", "semantic idx = ref", "pixel idx = ref", "PSNR vs ref (dB)",

@@ -67,8 +67,9 @@ def keep_freed_cpu_memory(threshold: int = 1 << 30) -> bool:
     such buffers come from the heap and freed ones are reused. The PyTorch CPU tuning guide gets the same effect by
     preloading jemalloc or tcmalloc.
 
-    Process-wide and not undone: the process keeps its peak memory reserved. Meant for long inference jobs (it is on
-    in ``dualvitok encode``), not for libraries to call on import.
+    Process-wide and not undone: the process keeps its peak memory reserved. Meant for long inference jobs: the fast
+    path's CPU plan calls it (``optimize_for_inference(keep_freed_memory=False)`` does not), and so does
+    ``dualvitok encode`` (``--default-malloc`` turns it off); not for libraries to call on import.
 
     Args:
         threshold: allocations up to this many bytes come from the heap (default 1 GiB).

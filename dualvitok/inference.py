@@ -38,8 +38,16 @@ choices (:func:`agree_on_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
 it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with
-``torch.compile``. No plan changes process-wide settings (the glibc tuning of
-:func:`dualvitok.devices.keep_freed_cpu_memory` is a separate, CPU-only opt-in).
+``torch.compile``.
+
+**Freed buffers kept (CPU).** glibc hands every allocation above 32 MiB a fresh ``mmap`` and unmaps it when freed,
+so the full-resolution activations of each forward pass page-fault on first touch: at 256x256 that was about a
+tenth of the fast path's time (a third of its pixel encoder's) on an Intel Xeon with AMX. The CPU plan therefore
+calls :func:`dualvitok.devices.keep_freed_cpu_memory` (``keep_freed_memory=None``, the default, or ``True``): glibc's
+mmap and trim thresholds are raised so freed buffers are reused. That setting is **process-wide and not undone**
+(the process keeps its peak memory reserved; the model is inference-only from here on anyway);
+``keep_freed_memory=False`` leaves the allocator alone, e.g. beside jemalloc or tcmalloc. It is the only
+process-wide setting a plan changes, and ``inference_plan.keep_freed_memory`` records whether it applied.
 
 **Never slower than float32.** bf16 pays only where the CPU has native bf16 matrix instructions and the stage is
 wide enough to use them. The rule (:func:`low_precision_reason`, checked per stage at preparation time, no
@@ -94,6 +102,8 @@ class InferencePlan:
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
+        keep_freed_memory: glibc keeps freed large buffers for reuse in this process (CPU plan only;
+            :func:`dualvitok.devices.keep_freed_cpu_memory`).
     """
 
     device_type: str
@@ -104,6 +114,7 @@ class InferencePlan:
     pack_linear: bool = False
     compiled: bool = False
     indices: str = "guarded"
+    keep_freed_memory: bool = False
 
     @property
     def low_precision(self) -> bool:
@@ -277,7 +288,8 @@ def agree_on_kernels(model: nn.Module) -> None:
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
-                           fuse_conv: bool | None = None, pack_linear: bool | None = None):
+                           fuse_conv: bool | None = None, pack_linear: bool | None = None,
+                           keep_freed_memory: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
@@ -297,6 +309,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             (``True``; a second copy of those weights, about 1.3 GB for the released tower), not (``False``), or
             measure once which is faster on this CPU (``None``, default;
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
+        keep_freed_memory: CPU plan: let glibc keep freed large buffers for reuse, **for the whole process**
+            (``None``, default, or ``True``; :func:`dualvitok.devices.keep_freed_cpu_memory`), or leave the allocator
+            alone (``False``). Ignored by other plans.
 
     The plan taken is kept as ``model.inference_plan`` (:class:`InferencePlan`). Calling this twice does nothing
     the second time. The model can no longer be trained in this state; reload it for training.
@@ -315,6 +330,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     plan = InferencePlan(device_type, channels_last=channels_last, fuse_conv=device_type == "cpu" and not compile,
                          compiled=compile, indices=indices)
     model.eval().requires_grad_(False)
+    if device_type == "cpu" and keep_freed_memory is not False:
+        from .devices import keep_freed_cpu_memory
+
+        plan.keep_freed_memory = bool(keep_freed_cpu_memory())
     exact = indices == "exact"
     for stage in _stages(model):
         if dtype is None or dtype == torch.float32:
@@ -362,7 +381,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             "reload it (from_pretrained) and save that")
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
     kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
-               f"{'on' if plan.pack_linear else 'off'}" if device_type == "cpu" else "")
+               f"{'on' if plan.pack_linear else 'off'}, freed buffers kept for reuse (process-wide) "
+               f"{'on' if plan.keep_freed_memory else 'off'}" if device_type == "cpu" else "")
     logger.info("optimize_for_inference (%s plan%s): %s; float32: %s%s", device_type,
                 f", CPU bf16 support: {cpu_bf16_support()}" if device_type == "cpu" else "",
                 ", ".join(converted) or "no stage converted",

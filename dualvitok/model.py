@@ -124,7 +124,8 @@ class DualViTok(HubMixin, nn.Module):
     def optimize_for_inference(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                                exact_indices: bool | None = None, *, indices: str = "guarded",
                                device: str | torch.device | None = None, compile: bool = False,
-                               fuse_conv: bool | None = None, pack_linear: bool | None = None) -> DualViTok:
+                               fuse_conv: bool | None = None, pack_linear: bool | None = None,
+                               keep_freed_memory: bool | None = None) -> DualViTok:
         """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`.
 
         ``indices``: ``"guarded"`` (default; >= 99% of pixel indices equal the float32 path's), ``"exact"`` (equal)
@@ -132,7 +133,8 @@ class DualViTok(HubMixin, nn.Module):
         from .inference import optimize_for_inference
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices, indices=indices, device=device,
-                                      compile=compile, fuse_conv=fuse_conv, pack_linear=pack_linear)
+                                      compile=compile, fuse_conv=fuse_conv, pack_linear=pack_linear,
+                                      keep_freed_memory=keep_freed_memory)
 
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:

@@ -85,6 +85,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _default_malloc(monkeypatch):
+    """The test process keeps glibc's allocator settings: the fast path's process-wide
+    ``keep_freed_cpu_memory()`` is replaced by a stand-in that does nothing and reports it did not apply
+    (``tests/test_devices.py`` runs the real one in subprocesses; ``tests/test_inference.py`` checks the plan's
+    call)."""
+    import dualvitok.devices
+
+    monkeypatch.setattr(dualvitok.devices, "keep_freed_cpu_memory", lambda *a, **k: False)
+
+
 def _missing(name: str, message: str) -> None:
     _MISSING_SETS[name] = message
     if os.environ.get("DUALVITOK_REQUIRE_SHARED", "") not in ("", "0"):

@@ -214,6 +214,25 @@ def test_cpu_plan_uses_onednn_fusion(tiny_model, monkeypatch):
         assert calls
 
 
+def test_cpu_plan_keeps_freed_memory_unless_told_not_to(tiny_model, monkeypatch, caplog):
+    """The CPU plan applies the process-wide allocator setting by default (and records whether it applied);
+    ``keep_freed_memory=False`` and other plans leave the allocator alone."""
+    import dualvitok.devices
+
+    calls = []
+    monkeypatch.setattr(dualvitok.devices, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    with caplog.at_level(logging.INFO, logger="dualvitok.inference"):
+        assert _optimized(tiny_model, device="cpu").inference_plan.keep_freed_memory and calls == [1]
+    assert "freed buffers kept for reuse (process-wide) on" in caplog.text
+    assert _optimized(tiny_model, device="cpu", keep_freed_memory=True).inference_plan.keep_freed_memory
+    assert calls == [1, 1]
+    assert not _optimized(tiny_model, device="cpu", keep_freed_memory=False).inference_plan.keep_freed_memory
+    assert not _optimized(tiny_model, device="cuda").inference_plan.keep_freed_memory
+    assert calls == [1, 1]
+    monkeypatch.setattr(dualvitok.devices, "keep_freed_cpu_memory", lambda: calls.append(1) or False)
+    assert not _optimized(tiny_model, device="cpu").inference_plan.keep_freed_memory  # refused (not glibc): recorded
+
+
 @pytest.mark.parametrize("support, expect_bf16", [("amx", True), ("avx512_bf16", False), ("unknown", False),
                                                   ("none", False)])
 def test_small_models_stay_float32_without_amx(tiny_model, caplog, support, expect_bf16):

@@ -255,7 +255,8 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
 
             keep_freed_cpu_memory()
         if args.dtype != "float32":
-            model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices)
+            model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices,
+                                         keep_freed_memory=not args.default_malloc)
             agree_on_kernels(model)
         logger.info("encoding with %s stages (--dtype %s)", _stage_dtype(model), args.dtype)
         processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
