@@ -6,9 +6,10 @@
 For each model (seeded random weights, or the bundled demo's) and size (batch 1), the float32 path and the fast path
 (``optimize_for_inference()``, the plan this CPU gets) encode and decode the same photo in interleaved rounds after a
 warm-up; the table gives the best and median time of each and the fast/float32 ratio (above 1: the fast path is
-faster), with the stages the plan converted. ``dualvitok_fix256`` has the released architecture's widths, so it is
-not timed separately. This is the measurement behind the "never slower than float32" rule of
-:mod:`dualvitok.inference` and the size rule of ``dualvitok encode``.
+faster), with the stages the plan converted. Both run in one process, after the plan's allocator setting (on CPU,
+freed buffers kept for reuse), so they meet the same allocator. ``dualvitok_fix256`` has the released
+architecture's widths, so it is not timed separately. This is the measurement behind the "never slower than
+float32" rule of :mod:`dualvitok.inference` and the size rule of ``dualvitok encode``.
 """
 
 from __future__ import annotations

@@ -156,8 +156,10 @@ def worker(args: argparse.Namespace) -> None:
     from _common import gemm_peak
 
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
-    print("RESULT " + json.dumps({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks}),
-          flush=True)
+    plan = getattr(model, "inference_plan", None)
+    kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
+    print("RESULT " + json.dumps({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
+                                  "freed_buffers_kept": kept}), flush=True)
 
 
 def make_weights(args: argparse.Namespace) -> None:

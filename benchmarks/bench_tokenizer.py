@@ -9,8 +9,9 @@ Both paths run in one process, on the same model weights (random, or ``--model``
 interleaved so that machine noise affects both alike. The first configuration is warmed up and timed ``--repeats``
 times (best kept); later ones once (they are long on a 2-core CPU). encode+decode time = encode + decode (from
 indices); peak memory is the largest RSS increase during a call (meaningless with ``--keep-freed-memory``, where the
-process keeps its peak). "fast" is ``model.optimize_for_inference()`` (bf16 stages, channels_last convolutions
-with fused residual additions, float32 encoders in front of the quantizers). FLOPs are counted with
+process keeps its peak). "fast" is ``model.optimize_for_inference(keep_freed_memory=False)`` (bf16 stages,
+channels_last convolutions with fused residual additions, float32 encoders in front of the quantizers), so that
+``--keep-freed-memory`` alone sets the process's allocator, for both paths. FLOPs are counted with
 ``torch.utils.flop_counter`` on the float32 path; the achieved FLOP/s is compared with this machine's measured GEMM
 peak (``torch.mm`` of 2048x2048 operands) in float32 and bf16. The quality guard compares the fast path's
 reconstructions and indices with the float32 path's on the bundled real photos.
@@ -115,7 +116,8 @@ def main() -> None:
         print(f"keep_freed_cpu_memory: {keep_freed_cpu_memory()}")
     torch.manual_seed(0)
     reference = load_model(args.model).eval().requires_grad_(False)
-    fast = copy.deepcopy(reference).optimize_for_inference()
+    # the process's allocator is --keep-freed-memory's to set, for both paths
+    fast = copy.deepcopy(reference).optimize_for_inference(keep_freed_memory=False)
     print(f"Machine: {machine()}\nModel: {args.model}\n", flush=True)
 
     quality_rows = [quality(reference, fast, s) for s in args.quality_sizes]

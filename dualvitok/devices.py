@@ -61,11 +61,11 @@ _M_MMAP_THRESHOLD = -3
 def keep_freed_cpu_memory(threshold: int = 1 << 30) -> bool:
     """Let the CPU allocator keep freed large buffers for reuse instead of returning them to the OS (glibc only).
 
-    By default glibc serves each allocation above a few MiB with a fresh ``mmap`` and unmaps it when freed, so every
-    large activation of the next forward pass page-faults on first touch (about 10 ms per 50 MB on a 2-core CPU,
-    a sixth of the fast decoder's time at 256x256). This raises glibc's mmap and trim thresholds (``mallopt``), so
-    such buffers come from the heap and freed ones are reused. The PyTorch CPU tuning guide gets the same effect by
-    preloading jemalloc or tcmalloc.
+    By default glibc serves each allocation above its mmap threshold (which adjusts itself, up to 32 MiB) with a fresh
+    ``mmap`` and unmaps it when freed, so every large activation of the next forward pass page-faults on first touch
+    (about 10 ms per 50 MB on a 2-core CPU, a sixth of the fast decoder's time at 256x256). This raises glibc's mmap
+    and trim thresholds (``mallopt``), so such buffers come from the heap and freed ones are reused. The PyTorch CPU
+    tuning guide gets the same effect by preloading jemalloc or tcmalloc.
 
     Process-wide and not undone: the process keeps its peak memory reserved. Meant for long inference jobs: the fast
     path's CPU plan calls it (``optimize_for_inference(keep_freed_memory=False)`` does not), and so does

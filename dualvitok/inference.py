@@ -41,10 +41,11 @@ it, so the flash / memory-efficient kernels apply), and with ``compile=True`` th
 ``torch.compile``.
 
 **Freed buffers kept (CPU).** glibc hands every allocation above 32 MiB a fresh ``mmap`` and unmaps it when freed,
-so the full-resolution activations of each forward pass page-fault on first touch: at 256x256 that was about a
-tenth of the fast path's time (a third of its pixel encoder's) on an Intel Xeon with AMX. The CPU plan therefore
-calls :func:`dualvitok.devices.keep_freed_cpu_memory` (``keep_freed_memory=None``, the default, or ``True``): glibc's
-mmap and trim thresholds are raised so freed buffers are reused. That setting is **process-wide and not undone**
+so the full-resolution activations of each forward pass page-fault on first touch: keeping freed buffers made the
+fast path 1.14-1.29x faster over encode+decode at 256x256 and 512x512 on an Intel Xeon with AMX, for about 1.8 GiB
+more peak RSS (``benchmarks/bench_reference.py``). The CPU plan therefore calls
+:func:`dualvitok.devices.keep_freed_cpu_memory` (``keep_freed_memory=None``, the default, or ``True``): glibc's mmap
+and trim thresholds are raised so freed buffers are reused. That setting is **process-wide and not undone**
 (the process keeps its peak memory reserved; the model is inference-only from here on anyway);
 ``keep_freed_memory=False`` leaves the allocator alone, e.g. beside jemalloc or tcmalloc. It is the only
 process-wide setting a plan changes, and ``inference_plan.keep_freed_memory`` records whether it applied.
@@ -102,8 +103,9 @@ class InferencePlan:
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
-        keep_freed_memory: glibc keeps freed large buffers for reuse in this process (CPU plan only;
-            :func:`dualvitok.devices.keep_freed_cpu_memory`).
+        keep_freed_memory: this plan applied :func:`dualvitok.devices.keep_freed_cpu_memory` (CPU plan only; the
+            C library accepted the settings). ``False`` does not mean glibc's defaults are in force: another plan or
+            caller of this process may have applied them, and under a preloaded jemalloc/tcmalloc they do nothing.
     """
 
     device_type: str

@@ -106,3 +106,33 @@ def test_reconstruct_takes_folders_and_refuses_directories_named_like_images(tmp
     (tmp_path / "x.jpg").mkdir()
     assert main(["reconstruct", str(tmp_path / "x.jpg"), "--model", "dualvitok_tiny"]) == 1
     assert "is a directory, not an image file" in capsys.readouterr().err
+
+
+def test_fast_path_commands_keep_freed_memory_unless_told_not_to(tmp_path, monkeypatch):
+    """encode, decode, reconstruct and evaluate hand ``--default-malloc`` to the fast path's plan (its CPU default
+    keeps freed buffers for the whole process)."""
+    import dualvitok.inference
+    from dualvitok.assets import sample_images
+    from dualvitok.cli import main
+
+    photos = sample_images()[0].parent
+
+    seen = []
+    monkeypatch.setattr(dualvitok.inference, "optimize_for_inference",  # record, and stay float32 (fast)
+                        lambda model, *a, **k: seen.append(k["keep_freed_memory"]) or model)
+    monkeypatch.setattr(dualvitok.inference, "agree_on_kernels", lambda model: None)
+    tokens = tmp_path / "tokens"
+    common = ["--dtype", "bfloat16", "--device", "cpu"]
+    runs = {
+        "encode": lambda out: ["encode", str(photos), "--output", str(out), "--size", "64", "64", "--limit", "1",
+                               "--no-progress", *common],
+        "decode": lambda out: ["decode", str(tokens), "--output", str(out), "--limit", "1", "--no-progress", *common],
+        "reconstruct": lambda out: ["reconstruct", "--output", str(out), "--size", "32", "32", *common],
+        "evaluate": lambda out: ["evaluate", "--output", str(out), "--limit", "1", "--metrics", "psnr", *common],
+    }
+    for name, argv in runs.items():
+        for flag in ([], ["--default-malloc"]):
+            out = tokens if name == "encode" and not flag else tmp_path / f"{name}{len(flag)}"
+            seen.clear()
+            assert main([*argv(out), *flag]) == 0, name
+            assert seen == [not flag], f"dualvitok {name} {flag}: optimize_for_inference got {seen}"

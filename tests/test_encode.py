@@ -293,8 +293,16 @@ def test_encode_keeps_freed_memory_unless_told_not_to(setup, monkeypatch):
     calls = []
     monkeypatch.setattr(dualvitok.devices, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
     base = ["encode", str(images), "--model", str(tmp_path / "model"), "--size", "32", "32", "--limit", "1"]
-    assert main([*base, "--output", str(tmp_path / "a")]) == 0 and calls == [1]
+    assert main([*base, "--output", str(tmp_path / "a")]) == 0 and calls == [1]  # float32 at this size: direct
     assert main([*base, "--output", str(tmp_path / "b"), "--default-malloc"]) == 0 and calls == [1]
+    # bf16: through the fast path's CPU plan, which records it
+    plans = []
+    prepare = DualViTok.optimize_for_inference
+    monkeypatch.setattr(DualViTok, "optimize_for_inference",
+                        lambda self, *a, **k: plans.append(prepare(self, *a, **k).inference_plan) or self)
+    assert main([*base, "--output", str(tmp_path / "c"), "--dtype", "bfloat16"]) == 0 and calls == [1, 1]
+    assert main([*base, "--output", str(tmp_path / "d"), "--dtype", "bfloat16", "--default-malloc"]) == 0
+    assert calls == [1, 1] and [p.keep_freed_memory for p in plans] == [True, False]
 
 
 def test_two_torchrun_processes_write_one_index(setup):

@@ -69,13 +69,13 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor] | Tensor) -> Tensor:
 
     ``x * cos + rotate_half(x) * sin`` computed by halves, ``[x1 c1 - x2 s1, x2 c2 + x1 s2]``, without the
     concatenated copy of ``rotate_half``: the same products and sums, so bitwise the formula's values. A bf16/fp16
-    ``x`` (often a strided view of a fused qkv projection) is cast to float32 once, contiguous, rather than by each
-    of the three products.
+    ``x`` (often a strided view of a fused qkv projection) is cast to float32 once rather than by each of the three
+    products.
     """
     cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope
     cos, sin = cos.float(), sin.float()
     half = x.shape[-1] // 2
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # exact: the products' own promotion
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # exact: the products' own promotion
     x1, x2 = xf[..., :half], xf[..., half:]
     out = xf * cos
     out[..., :half].sub_(x2 * sin[..., :half])

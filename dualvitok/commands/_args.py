@@ -51,6 +51,14 @@ def add_dtype(p: argparse.ArgumentParser, default: str | None = "float32", help:
                    help=f"{help or 'compute dtype'} (default: {default_text or default})")
 
 
+def add_default_malloc(p: argparse.ArgumentParser) -> None:
+    """``--default-malloc``: leave glibc's allocator settings alone (the fast path's CPU plan keeps freed buffers for
+    reuse, process-wide, by default)."""
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator settings alone (default on CPU: freed large buffers are kept for "
+                        "reuse, for the whole process, see dualvitok.devices.keep_freed_cpu_memory)")
+
+
 def add_num_workers(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--num-workers", type=non_negative_int, default=default,
                    help=f"DataLoader worker processes that read and resize images (default: {default})")

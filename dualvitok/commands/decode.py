@@ -14,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-from ._args import add_batch_size, add_device, add_dtype, add_output, add_progress, add_resume, dtype_of, positive_int
+from ._args import (
+    add_batch_size,
+    add_default_malloc,
+    add_device,
+    add_dtype,
+    add_output,
+    add_progress,
+    add_resume,
+    dtype_of,
+    positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +40,7 @@ def add_parser(subparsers) -> None:
     add_output(p, None, "folder for the decoded PNG images")
     p.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the model recorded in TOKENS/meta.json)")
     add_device(p)
+    add_default_malloc(p)
     add_dtype(p, default="bfloat16",
               help="compute dtype: bfloat16/float16 run the fast path (optimize_for_inference), float32 the "
                    "reference path")
@@ -88,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("%s was encoded with another model (%r, sha256 %s...); decoding with %s", tokens,
                        meta.get("model"), meta["model_sha256"][:12], spec)
     if args.dtype != "float32":
-        model.optimize_for_inference(dtype=dtype_of(args.dtype))
+        model.optimize_for_inference(dtype=dtype_of(args.dtype), keep_freed_memory=not args.default_malloc)
     records = dataset.records[: args.limit]
     names = output_names([r["path"] for r in records])
     with output_lock(out, "decode"):

@@ -63,9 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-column", default=None,
                    help="image column of parquet/arrow inputs (default: 'image', 'img', 'jpg', ... or the first "
                         "binary column)")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's allocator settings alone (default: freed large CPU buffers are kept for "
-                        "reuse, see dualvitok.devices.keep_freed_cpu_memory)")
+    _args.add_default_malloc(p)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)  # deprecated: --dtype float32
     p.set_defaults(func=run)
 
@@ -250,14 +248,14 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
         logger.info("rank %d/%d: %d images listed, %d already encoded, %d to do here", rank, world,
                     len(source.items), len(source.items) - len(todo), mine)
 
-        if device.type == "cpu" and not args.default_malloc:
-            from ..devices import keep_freed_cpu_memory
-
-            keep_freed_cpu_memory()
-        if args.dtype != "float32":
+        if args.dtype != "float32":  # the CPU plan keeps freed buffers for reuse unless --default-malloc
             model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices,
                                          keep_freed_memory=not args.default_malloc)
             agree_on_kernels(model)
+        elif device.type == "cpu" and not args.default_malloc:
+            from ..devices import keep_freed_cpu_memory
+
+            keep_freed_cpu_memory()
         logger.info("encoding with %s stages (--dtype %s)", _stage_dtype(model), args.dtype)
         processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
         loader = torch.utils.data.DataLoader(

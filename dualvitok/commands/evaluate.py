@@ -56,6 +56,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluate only the first N files, sorted by path (default: all)")
     _args.add_batch_size(p, 8)
     _args.add_device(p)
+    _args.add_default_malloc(p)
     _args.add_output(p, DEFAULT_OUTPUT, help="output folder (a relative default: ./dualvitok_eval)")
     p.add_argument("--metrics", default="auto",
                    help="comma list of psnr,ssim,ssim_reference_inflated,lpips,rfid,usage; 'auto' (default): all, "
@@ -226,7 +227,8 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
     if args.dtype != "float32":
         from ..inference import agree_on_kernels, optimize_for_inference
 
-        model = optimize_for_inference(model, dtype=_args.dtype_of(args.dtype))
+        model = optimize_for_inference(model, dtype=_args.dtype_of(args.dtype),
+                                       keep_freed_memory=not args.default_malloc)
         agree_on_kernels(model)  # under torchrun: rank 0's kernel choices on every rank
     metrics, nets, notes = _select_metrics(args)
     settings = EvaluationSettings(

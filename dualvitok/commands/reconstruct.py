@@ -13,7 +13,7 @@ from .._utils import save_image
 from .._utils.files import has_image_suffix, scan_images
 from ..devices import resolve_device
 from . import _args
-from ._args import add_device, add_dtype, add_model, add_output, dtype_of
+from ._args import add_default_malloc, add_device, add_dtype, add_model, add_output, dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-pixels", type=_args.max_pixels, default=256 * 256,
                    help="area bound of the size policy (default: 65536 = 256*256)")
     add_device(p)
+    add_default_malloc(p)
     add_dtype(p, help="float32 (the reference numerics) or a fast path via optimize_for_inference")
     p.set_defaults(func=run)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype != "float32":
         from ..inference import optimize_for_inference
 
-        optimize_for_inference(model, dtype=dtype_of(args.dtype))
+        optimize_for_inference(model, dtype=dtype_of(args.dtype), keep_freed_memory=not args.default_malloc)
     processor = ImageProcessor(size=tuple(args.size) if args.size else None, max_pixels=args.max_pixels)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,8 @@ class CheckpointFolder:
         return self.folder / (f"checkpoint-{step:08d}" if sharded else f"checkpoint-{step:08d}.pt")
 
     def entries(self) -> list[tuple[int, Path]]:
-        """``(step, path)`` of every checkpoint, oldest first (temporary and ``.corrupt`` files excluded)."""
+        """``(step, path)`` of every checkpoint, oldest first (temporary and ``.corrupt`` files excluded; a sharded
+        folder set aside by an interrupted :meth:`replace_folder` counts while its replacement is missing)."""
         if not self.folder.is_dir():
             return []
         found = []
@@ -107,6 +108,9 @@ class CheckpointFolder:
             match = CHECKPOINT_NAME.match(entry.name)
             if match and (entry.is_file() if match.group(2) else entry.is_dir()):
                 found.append((int(match.group(1)), entry))
+            aside = SET_ASIDE_NAME.match(entry.name)  # set aside by a replace that was killed before the rename
+            if aside and entry.is_dir() and not (self.folder / aside.group(1)).exists():
+                found.append((int(CHECKPOINT_NAME.match(aside.group(1)).group(1)), entry))
         return sorted(found, key=lambda item: (item[0], item[1].name))
 
     def latest(self) -> Path | None:
@@ -118,9 +122,13 @@ class CheckpointFolder:
         """Rename the complete folder ``complete`` to ``final`` (a sharded checkpoint), replacing an existing one.
 
         A folder cannot be renamed over a non-empty one, so an existing ``final`` is first moved aside to
-        ``.<name>.old`` and deleted only after the rename: a process killed in between leaves the old folder, which
-        :meth:`clean_temporary` puts back at start-up. At every moment one complete folder of that step exists.
+        ``.<name>.old``, and once the new folder is in place renamed to a temporary name and deleted. A process killed
+        in between leaves the old folder set aside: :meth:`entries` lists it as that step while the new one is
+        missing, and :meth:`clean_temporary` puts it back at start-up. So a complete folder of that step is always
+        found.
         """
+        if final.is_symlink():  # a link to a folder elsewhere: drop the link, never what it points to
+            final.unlink()
         if not final.exists():
             os.replace(complete, final)
             return
@@ -129,7 +137,10 @@ class CheckpointFolder:
             shutil.rmtree(aside)
         os.replace(final, aside)
         os.replace(complete, final)
-        shutil.rmtree(aside, ignore_errors=True)
+        doomed = final.with_name(f".{final.name}.old.tmp")  # a temporary name: a partial delete is never restored
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(aside, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_temporary(self) -> list[Path]:
         """Remove temporary files and folders of interrupted writes (``.checkpoint-N.pt.*.tmp``); returns them.

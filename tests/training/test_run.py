@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,8 +287,9 @@ def test_replacing_a_sharded_folder_keeps_one_complete_folder_through_a_kill(tmp
     with pytest.raises(KeyboardInterrupt):
         folder.replace_folder(tmp_path / ".checkpoint-00000003.tmp", final)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert not final.exists() and (tmp_path / ".checkpoint-00000003.old").is_dir()
-    assert folder.entries() == []  # neither the set-aside nor the temporary folder is a checkpoint
+    aside = tmp_path / ".checkpoint-00000003.old"
+    assert not final.exists() and aside.is_dir()
+    assert folder.entries() == [(3, aside)]  # readers that do not clean up still find a complete folder of step 3
     # start-up: the complete old folder comes back, the unfinished one goes
     removed = folder.clean_temporary()
     assert [p.name for p in removed] == [".checkpoint-00000003.tmp"]
@@ -299,3 +301,32 @@ def test_replacing_a_sharded_folder_keeps_one_complete_folder_through_a_kill(tmp
     assert [p.name for p in folder.clean_temporary()] == [".checkpoint-00000003.old"]
     assert (final / "shard.distcp").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000003"]
+
+
+def test_replacing_a_sharded_folder_deletes_the_old_one_under_a_temporary_name(tmp_path, monkeypatch):
+    """A delete of the old folder that fails part-way leaves a temporary folder (cleaned at start-up), never one
+    that start-up would put back; a symlinked checkpoint loses its link, not its target."""
+    import shutil
+
+    folder = CheckpointFolder(tmp_path)
+    final = folder.path(4, sharded=True)
+    _shards(final, "old")
+    _shards(tmp_path / ".checkpoint-00000004.tmp", "new")
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: deleted.append(Path(path).name))
+    folder.replace_folder(tmp_path / ".checkpoint-00000004.tmp", final)
+    monkeypatch.undo()
+    assert deleted[-1] == ".checkpoint-00000004.old.tmp"  # the old folder, renamed before it was deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-00000004.old.tmp", "checkpoint-00000004"]
+    assert [s for s, _ in folder.entries()] == [4] and (final / "shard.distcp").read_text() == "new"
+    folder.clean_temporary()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000004"]
+
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-target"
+    _shards(elsewhere, "kept")
+    link = folder.path(5, sharded=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    _shards(tmp_path / ".checkpoint-00000005.tmp", "new")
+    folder.replace_folder(tmp_path / ".checkpoint-00000005.tmp", link)
+    assert not link.is_symlink() and (link / "shard.distcp").read_text() == "new"
+    assert (elsewhere / "shard.distcp").read_text() == "kept"
