@@ -1,9 +1,11 @@
-"""Shared helpers of the benchmarks: timing, peak-memory sampling, GEMM peak, Markdown tables."""
+"""Shared helpers of the benchmarks: timing, peak-memory sampling, GEMM peak, Markdown tables, worker processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -91,3 +93,24 @@ def emit_report(report: str, output: str | None) -> None:
     if output:
         with atomic_write(output) as tmp:
             tmp.write_text(report, encoding="utf-8")
+
+
+RESULT_PREFIX = "RESULT "
+"""Marks the line a worker process prints its JSON result on (:func:`print_result`, :func:`run_worker`)."""
+
+
+def print_result(result: dict) -> None:
+    """In a worker process: print ``result`` as the JSON line :func:`run_worker` reads."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a worker process and return the result of its last :func:`print_result` line; exit with its output if it
+    fails or prints none."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                         f"{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+

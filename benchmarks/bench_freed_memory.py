@@ -12,10 +12,8 @@ sequence of random sizes (multiples of 16 between ``--min-side`` and ``--max-sid
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
+    from _common import print_result, rss_bytes
 
     from dualvitok.loading import load_model
 
@@ -34,7 +33,6 @@ def _worker(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     sides = range(args.min_side // 16, args.max_side // 16 + 1)
     sizes = [(rng.choice(sides) * 16, rng.choice(sides) * 16) for _ in range(args.calls)]
-    page = resource.getpagesize()
     marks = []
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -43,10 +41,9 @@ def _worker(args: argparse.Namespace) -> None:
             enc = model.encode(x)
             model.decode_indices(enc.semantic_indices, enc.pixel_indices)
             if i % 10 == 9:
-                marks.append(int(Path("/proc/self/statm").read_text().split()[1]) * page)
-    print("RESULT " + json.dumps({"kept": model.inference_plan.keep_freed_memory, "rss": marks,
-                                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                  "seconds": time.perf_counter() - t0}), flush=True)
+                marks.append(rss_bytes())
+    print_result({"kept": model.inference_plan.keep_freed_memory, "rss": marks, "seconds": time.perf_counter() - t0,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
 
 def main() -> None:
@@ -69,17 +66,13 @@ def main() -> None:
         parser.error("--min-side and --max-side: multiples of 16, 32 <= min <= max")
 
     sys.path.insert(0, str(HERE))
-    from _common import machine, table
+    from _common import machine, run_worker, table
 
     rows = []
     for setting in ("kept", "default"):
         cmd = [sys.executable, __file__, "--worker", setting] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "output")]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode or not lines:
-            raise SystemExit(f"the {setting} worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        out = json.loads(lines[-1][len("RESULT "):])
+        out = run_worker(cmd)
         rows.append([setting if out["kept"] or setting == "default" else f"{setting} (refused here)",
                      " / ".join(f"{r / 2**20:,.0f}" for r in out["rss"]), f"{out['peak'] / 2**20:,.0f}",
                      f"{out['seconds']:.1f}"])

@@ -64,7 +64,7 @@ def decoder_rows(size: int, rounds: int) -> list[list[str]]:
 
         outs = {}
         times = interleaved_times({"old": lambda: outs.__setitem__("old", old()),
-                             "new": lambda: outs.__setitem__("new", branch(merged))}, rounds)
+                                   "new": lambda: outs.__setitem__("new", branch(merged))}, rounds)
     diff = (outs["old"] - outs["new"]).abs().max().item()
     label = f"float32 decoder, {size}x{size}, channels_last codes -> contiguous (s)"
     return [ratio_row(label, times, "old", "new", 1.0, f"max diff {diff:.1e}")]
@@ -83,7 +83,7 @@ def rope_rows(rounds: int, batches: list[int]) -> list[list[str]]:
             x = torch.randn(batch, 324, 3, 16, 80).to(dtype)[:, :, :2]  # q, k of a qkv tensor
             equal = torch.equal(apply_rotary(x, rope), concatenated(x))
             times = interleaved_times({"old": lambda x=x: concatenated(x), "new": lambda x=x: apply_rotary(x, rope)},
-                                rounds * 5)
+                                      rounds * 5)
             rows.append(ratio_row(f"RoPE, {str(dtype)[6:]}, [{batch}, 324, 2, 16, 80] (ms)", times, "old", "new",
                                   1e3, "bitwise" if equal else "NOT equal"))
     return rows
@@ -98,7 +98,7 @@ def shortcut_rows(rounds: int, size: int) -> list[list[str]]:
                 x = x.contiguous(memory_format=torch.channels_last)
             equal = torch.equal(space_to_channel_average(x, 128), channel_average(space_to_channel(x), 128))
             times = interleaved_times({"old": lambda x=x: channel_average(space_to_channel(x), 128),
-                                 "new": lambda x=x: space_to_channel_average(x, 128)}, rounds * 5)
+                                       "new": lambda x=x: space_to_channel_average(x, 128)}, rounds * 5)
             layout = "channels_last" if channels_last else "contiguous"
             rows.append(ratio_row(f"DC-down shortcut, {str(dtype)[6:]}, [1, 128, {size}, {size}] {layout} (ms)",
                                   times, "old", "new", 1e3, "bitwise" if equal else "NOT equal"))

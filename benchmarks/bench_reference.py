@@ -40,7 +40,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,13 +152,13 @@ def worker(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # this machine's GEMM peaks, measured right after this path's timings (on a shared host they drift)
     sys.path.insert(0, str(HERE))
-    from _common import gemm_peak
+    from _common import gemm_peak, print_result
 
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     plan = getattr(model, "inference_plan", None)
     kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
-    print("RESULT " + json.dumps({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
-                                  "freed_buffers_kept": kept}), flush=True)
+    print_result({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
+                  "freed_buffers_kept": kept})
 
 
 def make_weights(args: argparse.Namespace) -> None:
@@ -181,7 +180,10 @@ def make_weights(args: argparse.Namespace) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(work / "weights.safetensors"))
     (work / "config.json").write_text(json.dumps(config, indent=1))
-    print(f"RESULT {json.dumps({'tensors': len(state), 'params': sum(v.numel() for v in state.values())})}")
+    sys.path.insert(0, str(HERE))
+    from _common import print_result
+
+    print_result({"tensors": len(state), "params": sum(v.numel() for v in state.values())})
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -191,15 +193,6 @@ def _bf16_support() -> str:
 
     return cpu_bf16_support()
 
-
-
-def _run(cmd: list[str], env: dict | None = None) -> dict:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                         f"{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def _reference_env(args: argparse.Namespace) -> dict:
@@ -313,7 +306,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from _common import gemm_peak, machine, table
+    from _common import gemm_peak, machine, run_worker, table
 
     torch.set_num_threads(args.threads)
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
@@ -323,7 +316,7 @@ def main() -> None:
     common = ["--reference-src", args.reference_src, "--work", str(work), "--threads", str(args.threads)]
     log = work / "runs.jsonl"  # every worker's result as it comes: --report-only rebuilds the tables from it
     if not args.report_only:
-        made = _run([args.reference_python, *script, "--make-weights", *common, "--seed", str(args.seed)]
+        made = run_worker([args.reference_python, *script, "--make-weights", *common, "--seed", str(args.seed)]
                     + (["--reference-config", args.reference_config] if args.reference_config else []),
                     env=_reference_env(args))
         print(f"reference weights: {made['tensors']} tensors, {made['params']:,} elements", flush=True)
@@ -333,7 +326,7 @@ def main() -> None:
             for path in paths:
                 python, env = ((args.reference_python, _reference_env(args)) if path.startswith("reference")
                                else (sys.executable, _our_env(args)))
-                out = _run([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
+                out = run_worker([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
                            + (["--save-outputs"] if r == 0 else []), env=env)
                 with open(log, "a") as f:
                     f.write(json.dumps({**out, "round": r}) + "\n")
