@@ -48,7 +48,7 @@ __all__ = ["warmup_factor", "warmup_scheduler", "seed_everything", "CheckpointFo
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)(\.pt)?$")  # a file (``.pt``) or a sharded folder
 TEMP_NAME = re.compile(r"^\.checkpoint-\d+(\.pt)?\..*tmp.*$")  # atomic_write's temporary files, temporary folders
-SET_ASIDE_NAME = re.compile(r"^\.(checkpoint-\d+)\.old$")  # a sharded folder moved aside while replaced
+SET_ASIDE_NAME = re.compile(r"^\.(checkpoint-(\d+))\.old$")  # a sharded folder moved aside while replaced
 
 
 # ---------------------------------------------------------------------------------------------- schedule, seeds
@@ -81,6 +81,15 @@ class CheckpointError(RuntimeError):
     """No checkpoint of a run folder could be read."""
 
 
+def _delete_set_aside(aside: Path) -> None:
+    """Delete a set-aside sharded folder (``.checkpoint-N.old``) whose replacement is in place: renamed to a
+    temporary name first, so that a delete failing part-way leaves a temporary folder, never one to put back."""
+    doomed = aside.with_name(aside.name + ".tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(aside, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 class CheckpointFolder:
     """The checkpoints of one run: ``<folder>/checkpoint-<step:08d>.pt`` files (or sharded ``checkpoint-<step>/``
     folders), at most ``keep`` of them.
@@ -110,7 +119,7 @@ class CheckpointFolder:
                 found.append((int(match.group(1)), entry))
             aside = SET_ASIDE_NAME.match(entry.name)  # set aside by a replace that was killed before the rename
             if aside and entry.is_dir() and not (self.folder / aside.group(1)).exists():
-                found.append((int(CHECKPOINT_NAME.match(aside.group(1)).group(1)), entry))
+                found.append((int(aside.group(2)), entry))
         return sorted(found, key=lambda item: (item[0], item[1].name))
 
     def latest(self) -> Path | None:
@@ -137,10 +146,7 @@ class CheckpointFolder:
             shutil.rmtree(aside)
         os.replace(final, aside)
         os.replace(complete, final)
-        doomed = final.with_name(f".{final.name}.old.tmp")  # a temporary name: a partial delete is never restored
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(aside, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete_set_aside(aside)
 
     def clean_temporary(self) -> list[Path]:
         """Remove temporary files and folders of interrupted writes (``.checkpoint-N.pt.*.tmp``); returns them.
@@ -151,12 +157,12 @@ class CheckpointFolder:
         removed = []
         if not self.folder.is_dir():
             return removed
-        for entry in self.folder.iterdir():
+        for entry in list(self.folder.iterdir()):  # a listing first: entries are renamed below
             aside = SET_ASIDE_NAME.match(entry.name)
             if aside and entry.is_dir() and not entry.is_symlink():
                 final = self.folder / aside.group(1)
                 if final.exists():
-                    shutil.rmtree(entry, ignore_errors=True)
+                    _delete_set_aside(entry)
                     removed.append(entry)
                 else:
                     os.replace(entry, final)
