@@ -66,7 +66,7 @@ def main() -> None:
         parser.error("--min-side and --max-side: multiples of 16, 32 <= min <= max")
 
     sys.path.insert(0, str(HERE))
-    from _common import machine, run_worker, table
+    from _common import emit_report, machine, run_worker, table
 
     rows = []
     for setting in ("kept", "default"):
@@ -80,9 +80,7 @@ def main() -> None:
     report = (f"Machine: {machine()}; model {args.model}, {args.calls} calls of batch {args.batch} at random sizes "
               f"{args.min_side}-{args.max_side} (seed {args.seed}), one process per setting\n\n"
               + table(["freed buffers", "RSS MiB every 10 calls", "peak RSS MiB", "total s"], rows) + "\n")
-    print("\n" + report)
-    if args.output:
-        Path(args.output).write_text(report)
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -306,7 +306,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from _common import gemm_peak, machine, run_worker, table
+    from _common import emit_report, gemm_peak, machine, run_worker, table
 
     torch.set_num_threads(args.threads)
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
@@ -388,9 +388,7 @@ def main() -> None:
               f"GEMM peak (GFLOP/s; min / median / max of {len(measured_peaks['fp32'])} measurements, one after each "
               f"path's timings): {spread}. The % columns use the max and the median.\n\n"
               f"{timing}\n\n{memory}\n\n{quality}\n")
-    print("\n" + report)
-    if args.output:
-        Path(args.output).write_text(report)
+    emit_report(report, args.output)
 
 
 def _flops(work: Path, configs: list) -> dict:
