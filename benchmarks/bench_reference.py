@@ -15,7 +15,8 @@ What it does:
 3. For each of ``--rounds`` rounds, runs one process per path in turn -- ``reference`` (float32), ``fp32``
    (``DualViTok.from_reference``) and ``fast`` (the same, then ``optimize_for_inference()``), and with ``--paths``
    ``reference_kept`` (the reference with freed buffers kept for reuse, as the fast path's CPU plan sets it) and
-   ``fast_default_malloc`` (``optimize_for_inference(keep_freed_memory=False)``) -- so the paths are
+   ``fast_default_malloc`` (``optimize_for_inference(keep_freed_memory=False)``) and ``fast_plain_norm``
+   (``optimize_for_inference(native_norm=False)``: no native GroupNorm + SiLU kernel) -- so the paths are
    interleaved and each one's peak RSS (``ru_maxrss``) is its own. Each process times ``encode`` and ``decode``
    (from the indices) once per configuration, after a warm-up call on the first one, and saves its indices and
    reconstructions.
@@ -46,11 +47,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc")
+PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc", "fast_plain_norm")
 DEFAULT_PATHS = "reference,fp32,fast"
 """The fast path's CPU plan keeps freed buffers for reuse (``keep_freed_cpu_memory()``, process-wide) unless told not
 to: ``fast_default_malloc`` leaves glibc's allocator alone, as the reference and the float32 path run, and
-``reference_kept`` gives the reference the fast path's setting."""
+``reference_kept`` gives the reference the fast path's setting. ``fast_plain_norm`` is the fast path with the
+decoder's GroupNorm + modulation + SiLU left to PyTorch's operators (``native_norm=False``)."""
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -88,6 +90,8 @@ def _our_model(path: str, work: Path):
         model.optimize_for_inference()  # the default plan (on CPU: freed buffers kept for reuse)
     elif path == "fast_default_malloc":
         model.optimize_for_inference(keep_freed_memory=False)
+    elif path == "fast_plain_norm":
+        model.optimize_for_inference(native_norm=False)
     return model
 
 
@@ -158,7 +162,7 @@ def worker(args: argparse.Namespace) -> None:
     plan = getattr(model, "inference_plan", None)
     kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
     print_result({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
-                  "freed_buffers_kept": kept})
+                  "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm)})
 
 
 def make_weights(args: argparse.Namespace) -> None:

@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .blocks import fused, packed
+from .blocks import fused, norm_silu, packed
 from .blocks.inference import InferenceLinear, InferenceVariant, swap_inference_blocks
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class InferencePlan:
         pack_linear: the bf16 linear layers compute from prepacked weights (CPU plan only, where a one-time
             measurement on this CPU finds it at least as fast as ``F.linear``:
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
+        native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
+            where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
+            :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
         keep_freed_memory: this plan applied :func:`dualvitok.devices.keep_freed_cpu_memory` (CPU plan only; the
@@ -114,6 +117,7 @@ class InferencePlan:
     channels_last: bool = True
     fuse_conv: bool = True
     pack_linear: bool = False
+    native_norm: bool = False
     compiled: bool = False
     indices: str = "guarded"
     keep_freed_memory: bool = False
@@ -251,13 +255,14 @@ def _convert(plan: InferencePlan, name: str, modules: list[nn.Module], dtype: to
         plan.kept_float32[name] = reason
 
 
-KERNEL_CHOICES = ("fuse_conv", "pack_linear")
+KERNEL_CHOICES = ("fuse_conv", "pack_linear", "native_norm")
 """The plan's measured kernel choices (:class:`InferencePlan` fields), which :func:`use_kernels` sets."""
 
 
 def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
-    (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights), e.g. to take
+    (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
+    ``native_norm=``: the native GroupNorm + SiLU kernel), e.g. to take
     another process's measured choices; ``model.inference_plan`` records them."""
     unknown = set(choices) - set(KERNEL_CHOICES)
     if unknown:
@@ -291,7 +296,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
                            fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                           keep_freed_memory: bool | None = None):
+                           native_norm: bool | None = None, keep_freed_memory: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
@@ -311,6 +316,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             (``True``; a second copy of those weights, about 1.3 GB for the released tower), not (``False``), or
             measure once which is faster on this CPU (``None``, default;
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
+        native_norm: CPU plan: compute the MoVQ blocks' ``silu(norm(x))`` on large maps with the native kernel
+            (``True``; built on first use with the system C compiler, :mod:`dualvitok.blocks.norm_silu`), not
+            (``False``), or measure once which is faster on this CPU (``None``, default;
+            :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`). Without a C compiler PyTorch's operators run.
         keep_freed_memory: CPU plan: let glibc keep freed large buffers for reuse, **for the whole process**
             (``None``, default, or ``True``; :func:`dualvitok.devices.keep_freed_cpu_memory`), or leave the allocator
             alone (``False``). Ignored by other plans.
@@ -368,8 +377,16 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     if device_type == "cpu" and not compile and packed.can_pack(tower_weight) and pack_linear is not False:
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
+    if device_type == "cpu" and not compile and native_norm is not False:
+        decoder_dtype = next(model.pixel_decoder.parameters()).dtype
+        if native_norm and not norm_silu.native_available():
+            logger.warning("optimize_for_inference(native_norm=True): the native GroupNorm + SiLU kernel is "
+                           "unavailable here (see the log above); PyTorch's operators run instead")
+        plan.native_norm = norm_silu.native_available() and (
+            bool(native_norm) or norm_silu.native_norm_silu_pays(model.config.pixel_decoder.ch, decoder_dtype))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    swap_inference_blocks(model, fuse_conv=plan.fuse_conv, pack_linear=plan.pack_linear)
+    swap_inference_blocks(model, fuse_conv=plan.fuse_conv, pack_linear=plan.pack_linear,
+                          native_norm=plan.native_norm)
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
@@ -383,7 +400,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             "reload it (from_pretrained) and save that")
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
     kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
-               f"{'on' if plan.pack_linear else 'off'}, freed buffers kept for reuse (process-wide) "
+               f"{'on' if plan.pack_linear else 'off'}, native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
+               f"freed buffers kept for reuse (process-wide) "
                f"{'on' if plan.keep_freed_memory else 'off'}" if device_type == "cpu" else "")
     logger.info("optimize_for_inference (%s plan%s): %s; float32: %s%s", device_type,
                 f", CPU bf16 support: {cpu_bf16_support()}" if device_type == "cpu" else "",

@@ -85,6 +85,14 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _native_cache(tmp_path_factory):
+    """Native kernels (``dualvitok._native``) build into a folder of this test session, not the user's cache."""
+    if "DUALVITOK_CACHE" not in os.environ:
+        os.environ["DUALVITOK_CACHE"] = str(tmp_path_factory.mktemp("native-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _default_malloc(monkeypatch):
     """The test process keeps glibc's allocator settings: the fast path's process-wide

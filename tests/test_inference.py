@@ -308,19 +308,22 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
     """Under torchrun each rank measures its kernels once; encode and evaluate make every rank use rank 0's
     choices (inference.agree_on_kernels)."""
     from dualvitok._utils import distributed
-    from dualvitok.blocks import packed
+    from dualvitok.blocks import norm_silu, packed
     from dualvitok.blocks.inference import InferenceLinear
 
     monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")  # bf16 stages whatever this CPU
-    model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True)
+    monkeypatch.setattr(norm_silu, "native_available", lambda: True)
+    model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True,
+                                                             native_norm=True)
     gathered = []
-    monkeypatch.setattr(distributed, "all_gather_json",  # rank 0 measured "separate" and "plain"
-                        lambda obj: gathered.append(obj) or [{"fuse_conv": False, "pack_linear": False}, obj])
+    rank0 = {"fuse_conv": False, "pack_linear": False, "native_norm": False}  # rank 0 measured the plain operators
+    monkeypatch.setattr(distributed, "all_gather_json", lambda obj: gathered.append(obj) or [rank0, obj])
     inference.agree_on_kernels(model)
-    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))}]
-    assert model.inference_plan.fuse_conv is False and model.inference_plan.pack_linear is False
+    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
+                         "native_norm": True}]
+    assert not (model.inference_plan.fuse_conv or model.inference_plan.pack_linear or model.inference_plan.native_norm)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
-    assert variants and not any(m.fuse_conv or m.pack_linear for m in variants)
+    assert variants and not any(m.fuse_conv or m.pack_linear or m.native_norm for m in variants)
     assert any(isinstance(m, InferenceLinear) for m in variants)
 
 

@@ -33,7 +33,8 @@ from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_average
 from .fused import add, conv2d_add, is_out_of_memory
 from .movq import MoVQDecoder
-from .norm import SpatialNorm, apply_norm
+from .norm import SpatialNorm
+from .norm_silu import norm_silu
 from .resnet import ResnetBlock2d
 from .vit import QUICK_GELU_ALPHA, VisionMlp, quick_gelu
 
@@ -47,13 +48,17 @@ class InferenceVariant(nn.Module):
 
     ``fuse_conv``: use the oneDNN convolution with an addition post-op (CPU only,
     :func:`dualvitok.blocks.fused.conv2d_add`); otherwise ``residual.add_(conv(x))``, plain operators only.
+    ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
+    (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     """
 
     fuse_conv: bool = True
     pack_linear: bool = False
+    native_norm: bool = False
 
     @classmethod
-    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False) -> M:
+    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False,
+                    native_norm: bool = False) -> M:
         """A variant sharing ``module``'s parameters, buffers, submodules and hooks (``module`` is left as it was)."""
         plain = cls.__bases__[-1]  # the block this variant derives from
         if not isinstance(module, plain):
@@ -64,6 +69,7 @@ class InferenceVariant(nn.Module):
             variant.__dict__[name] = dict(module.__dict__[name])
         variant.fuse_conv = fuse_conv
         variant.pack_linear = pack_linear
+        variant.native_norm = native_norm
         return variant
 
     def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
@@ -184,12 +190,9 @@ class InferenceResnetBlock2d(InferenceVariant, ResnetBlock2d):
     def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
         if torch.is_grad_enabled():
             return super().forward(x, zq)
-        h = F.silu(apply_norm(self.norm1, x, zq), inplace=True)
-        branch = self.conv1.weight.dtype
-        if h.dtype != branch:  # mixed precision: the branch in its own dtype, the stream as it is
-            h = h.to(branch)
-        h = self.conv1(h)
-        h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=True))
+        # mixed precision: the branch in its own dtype (conv1's), the stream as it is
+        h = self.conv1(norm_silu(self.norm1, x, zq, self.conv1.weight.dtype, self.native_norm))
+        h = self.dropout(norm_silu(self.norm2, h, zq, native=self.native_norm))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         if h.dtype != x.dtype:
@@ -244,7 +247,7 @@ class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
         h = self.mid(h, zq)
         for level in reversed(self.up):
             h = level(h, zq)
-        return self.conv_out(F.silu(apply_norm(self.norm_out, h, zq), inplace=True))
+        return self.conv_out(norm_silu(self.norm_out, h, zq, native=self.native_norm))
 
 
 INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
@@ -260,7 +263,8 @@ INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
 """Plain block type (exactly) -> its inference variant."""
 
 
-def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False) -> nn.Module:
+def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False,
+                          native_norm: bool = False) -> nn.Module:
     """Replace, in place and bottom-up, every block of ``module`` (and ``module`` itself) whose type is a key of
     :data:`INFERENCE_VARIANTS` by its variant; returns ``module`` or its replacement.
 
@@ -268,10 +272,12 @@ def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True, pack_linear
         module: any module tree (a MoVQ encoder/decoder, a tokenizer).
         fuse_conv: let the variants use the oneDNN fused convolution (CPU); ``False`` keeps to plain operators.
         pack_linear: let the bf16 linear layers compute from prepacked weights (CPU, :mod:`dualvitok.blocks.packed`).
+        native_norm: let the blocks compute ``silu(norm(x))`` with the native CPU kernel
+            (:mod:`dualvitok.blocks.norm_silu`).
     """
     for name, child in list(module.named_children()):
-        new = swap_inference_blocks(child, fuse_conv, pack_linear)
+        new = swap_inference_blocks(child, fuse_conv, pack_linear, native_norm)
         if new is not child:
             setattr(module, name, new)
     variant = INFERENCE_VARIANTS.get(type(module))
-    return variant.from_module(module, fuse_conv, pack_linear) if variant is not None else module
+    return variant.from_module(module, fuse_conv, pack_linear, native_norm) if variant is not None else module

@@ -1,0 +1,132 @@
+"""Small native CPU kernels, compiled on first use with the system C compiler and cached per machine.
+
+Some element-wise work of the fast path cannot be fused with PyTorch's eager operators on CPU (a ``torch.compile``d
+GroupNorm + modulation + SiLU was no faster there). The kernels here are plain C (no PyTorch headers, so a build takes
+under a second), called through :mod:`ctypes` on tensors' memory; every caller keeps its PyTorch fallback, used when
+this returns ``None``:
+
+* no C compiler (``$CC``, else ``cc``), not Linux or macOS, or ``DUALVITOK_NATIVE=0`` in the environment;
+* the build fails (logged once per process, with the compiler's message), or the library fails its self-check.
+
+Build: ``$CC -O3 -march=native -fPIC -shared`` (plus ``-mprefer-vector-width=512`` on x86) and the value-safe subset
+of fast-math that vectorisation needs (``-fno-math-errno -fno-trapping-math -ffinite-math-only -fno-signed-zeros``);
+never ``-ffast-math``, which would link code that changes the whole process's denormal handling. Cache: a file per
+(source, flags, compiler version, CPU model and flags) under ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok``
+(default ``~/.cache/dualvitok``), in ``native/``; it is written to a temporary name and renamed, so concurrent
+processes (ranks of one job) never load a partial file. The library loaded is the one built from the source shipped
+with this package; like PyTorch's own extension cache, the cache folder must be writable only by its user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fno-trapping-math",
+         "-ffinite-math-only", "-fno-signed-zeros")
+"""Compiler flags of every build (``-mprefer-vector-width=512`` is added on x86)."""
+
+_loaded: dict[str, ctypes.CDLL | None] = {}  # name -> library (None: unavailable), once per process
+
+
+def enabled() -> bool:
+    """Whether native kernels may be built and used here (``DUALVITOK_NATIVE=0`` turns them off)."""
+    if os.environ.get("DUALVITOK_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return sys.platform.startswith("linux") or sys.platform == "darwin"
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``native/`` in ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok``
+    (default ``~/.cache/dualvitok``)."""
+    root = os.environ.get("DUALVITOK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dualvitok")
+    return Path(root) / "native"
+
+
+def _flags() -> list[str]:
+    flags = list(FLAGS)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (a library built with -march=native must not run on another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+        return "\n".join(dict.fromkeys(keep))  # one copy per distinct line
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler_version(compiler: str) -> str | None:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def build(name: str) -> Path | None:
+    """Compile ``<name>.c`` of this folder into the cache (or find it there); its path, or ``None`` (logged)."""
+    source = SOURCE_DIR / f"{name}.c"
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        logger.info("native kernel %s: no C compiler (%r) found; PyTorch operators are used instead", name, compiler)
+        return None
+    version = _compiler_version(compiler)
+    if version is None:
+        logger.warning("native kernel %s: %r --version failed; PyTorch operators are used instead", name, compiler)
+        return None
+    flags = _flags()
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:20]}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    if target.is_file():
+        return target
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(temporary), "-lm"], capture_output=True,
+                              text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            logger.warning("native kernel %s: the build failed (%s %s); PyTorch operators are used instead:\n%s",
+                           name, compiler, " ".join(flags), (done.stderr or done.stdout).strip()[-2000:])
+            return None
+        os.replace(temporary, target)
+    except (OSError, subprocess.SubprocessError) as err:
+        logger.warning("native kernel %s: could not build into %s (%s); PyTorch operators are used instead", name,
+                       target.parent, err)
+        return None
+    finally:
+        temporary.unlink(missing_ok=True)
+    logger.info("native kernel %s: built %s", name, target)
+    return target
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The loaded library ``<name>`` (built on first use), or ``None`` where native kernels are unavailable."""
+    if name in _loaded:
+        return _loaded[name]
+    lib = None
+    if enabled():
+        path = build(name)
+        if path is not None:
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as err:
+                logger.warning("native kernel %s: could not load %s (%s); PyTorch operators are used instead", name,
+                               path, err)
+    _loaded[name] = lib
+    return lib

@@ -1,0 +1,218 @@
+"""``silu(norm(x))`` for the MoVQ blocks' norms, with a native CPU kernel for the decoder's large bf16 maps.
+
+Every ResNet block of the MoVQ decoder starts its two convolutions with ``silu(SpatialNorm(x, zq))``, a GroupNorm
+modulated by the code map (``GroupNorm(x) * y(zq) + b(zq)``, :class:`~dualvitok.blocks.norm.SpatialNorm`). On CPU,
+PyTorch runs that as three memory- and ``exp``-bound operators over a full-resolution map (at 256x256, 384 channels,
+25-35 ms on 2 cores in bf16). :func:`norm_silu` runs the compiled kernel of ``dualvitok/_native/norm_silu.c`` instead
+where it is available and the map is large enough: two passes (per-channel sums; normalise, modulate, SiLU, store),
+split over PyTorch's thread count. Elsewhere (autograd on, tracing, other devices, layouts or dtypes, plain
+GroupNorms, small maps, no C compiler) it runs the PyTorch operators.
+
+Scope: bf16 maps and :class:`SpatialNorm` only, so everything float32 (the reference path, the fast path's
+index-deciding pixel encoder, whose norms are plain GroupNorms) keeps PyTorch's values: pixel indices are
+hypersensitive (one bf16 rounding moved in 0.2% of the activations of the encoder's first level moved 0.8% of them on
+the released architecture with random weights).
+
+Values: the kernel computes in float32 with double-precision statistics and rounds once, to bf16; PyTorch's bf16
+operators round after each step. Both are within bf16 rounding of the float64 value
+(``tests/blocks/test_norm_silu.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _native
+from .._utils.timing import interleaved_best
+from ..validation import is_tracing
+from .norm import SpatialNorm, apply_norm
+
+logger = logging.getLogger(__name__)
+
+BLOCK_ROWS = 256
+"""Rows (pixels) per block of the kernel's statistics (``DVT_BLOCK_ROWS`` in the C source)."""
+
+MIN_NATIVE_ELEMENTS = 1 << 20
+"""Maps with fewer elements per image (C * H * W) take the PyTorch operators: below about this size the calls'
+fixed cost outweighs the saved passes (at ``[1, 1536, 16, 16]`` the kernel was 0.4x of PyTorch's operators)."""
+
+
+_lock = threading.Lock()
+_functions: dict | None = None  # C function name -> ctypes function (empty: unavailable)
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
+
+
+def _library_functions() -> dict:
+    """The kernel's ctypes functions, typed, after a self-check against the PyTorch operators ({} if unavailable)."""
+    global _functions
+    with _lock:
+        if _functions is not None:
+            return _functions
+        _functions = {}
+        lib = _native.library("norm_silu")
+        if lib is None:
+            return _functions
+        p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        signatures = {"sums": ("dvt_channel_sums_bf16", [p, i64, i64, i64, i64, p]),
+                      "affine": ("dvt_group_affine", [p, i64, p, i64, i64, i64, f64, p, p, p, p]),
+                      "apply": ("dvt_norm_silu_bf16_bf16", [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64])}
+        functions = {}
+        for key, (symbol, argtypes) in signatures.items():
+            functions[key] = getattr(lib, symbol)
+            functions[key].argtypes, functions[key].restype = argtypes, None
+        _functions = functions
+    if not _self_check():
+        _functions = {}
+    return _functions
+
+
+def _self_check() -> bool:
+    """The kernel against float64 PyTorch on a small map, once per process (a miscompiled build is not used)."""
+    generator = torch.Generator().manual_seed(0)
+    norm = SpatialNorm(64, 8)
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        x = (torch.randn(2, 64, 8, 12, generator=generator) * 3 + 1).contiguous(memory_format=torch.channels_last)
+        zq = torch.randn(2, 8, 2, 3, generator=generator).contiguous(memory_format=torch.channels_last)
+        want = F.silu(copy.deepcopy(norm).double()(x.bfloat16().double(), zq.bfloat16().double()))
+        got = _native_norm_silu(norm.bfloat16(), x.bfloat16(), zq.bfloat16())
+        # the modulation maps are computed in bf16 from bf16 weights, so allow a few bf16 roundings
+        if got is None or not torch.allclose(got.double(), want, rtol=0.03, atol=0.05):
+            error = "no result" if got is None else f"max error {(got.double() - want).abs().max().item():.3g}"
+            logger.warning("native GroupNorm + SiLU kernel failed its self-check (%s); PyTorch operators are used "
+                           "instead", error)
+            return False
+    return True
+
+
+def _threads() -> tuple[ThreadPoolExecutor, int]:
+    """A pool of PyTorch's intra-op thread count (ctypes calls release the GIL, so its threads run in parallel)."""
+    global _pool, _pool_threads
+    threads = max(1, torch.get_num_threads())
+    with _lock:
+        if _pool is None or _pool_threads != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualvitok-norm-silu"), threads
+        return _pool, threads
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    return [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
+
+
+def _run(pool: ThreadPoolExecutor, calls: list) -> None:
+    """Run the calls on the pool's threads, the last one on this thread; wait for all."""
+    futures = [pool.submit(call) for call in calls[:-1]]
+    calls[-1]()
+    for future in futures:
+        future.result()
+
+
+def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor) -> Tensor | None:
+    """The kernel's bf16 ``silu(norm(x, zq))``, or ``None`` where it does not apply."""
+    functions = _functions if _functions else _library_functions()
+    group_norm = norm.norm_layer
+    if (not functions or x.dtype != torch.bfloat16 or x.dim() != 4 or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last) or not isinstance(group_norm, nn.GroupNorm)
+            or not group_norm.affine or group_norm.num_channels != x.shape[1] or zq.dim() != 4):
+        return None
+    batch, channels, height, width = x.shape
+    y, b = norm.conv_y(zq), norm.conv_b(zq)  # [B, C, h, w]: 1x1 convolutions on the small map
+    h, w = y.shape[-2:]
+    if height % h or width % w or y.shape[:2] != (batch, channels):
+        return None
+    sh, sw = height // h, width // w
+    y = y.float().permute(0, 2, 3, 1).contiguous()  # [B, h, w, C]
+    b = b.float().permute(0, 2, 3, 1).contiguous()
+    sums, apply = functions["sums"], functions["apply"]
+    gamma = group_norm.weight.detach().float().contiguous()
+    beta = group_norm.bias.detach().float().contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    pool, threads = _threads()
+    rows = height * width
+    blocks = -(-rows // BLOCK_ROWS)
+    block_sums = torch.empty(blocks, 2 * channels)  # per block of rows: the same statistics for any thread count
+    scale, shift = torch.empty(channels), torch.empty(channels)
+    block_ranges, height_ranges = _split(blocks, min(threads, blocks)), _split(height, min(threads, height))
+    for image in range(batch):
+        xi, oi = x[image], out[image]
+        k = xi[:, 0, 0].float().contiguous()  # the shift of the sums: each channel's first value
+        _run(pool, [partial(sums, xi.data_ptr(), channels, rows, *r, block_sums.data_ptr()) for r in block_ranges])
+        functions["affine"](block_sums.data_ptr(), blocks, k.data_ptr(), channels, group_norm.num_groups, rows,
+                            float(group_norm.eps), gamma.data_ptr(), beta.data_ptr(), scale.data_ptr(),
+                            shift.data_ptr())
+        maps = (xi.data_ptr(), oi.data_ptr(), scale.data_ptr(), shift.data_ptr(), y[image].data_ptr(),
+                b[image].data_ptr())
+        _run(pool, [partial(apply, *maps, channels, width, *r, sh, sw, w) for r in height_ranges])
+    return out
+
+
+def native_available() -> bool:
+    """Whether the native kernel is built, loaded and passed its self-check in this process."""
+    return bool(_functions if _functions is not None else _library_functions())
+
+
+def norm_silu(norm: nn.Module, x: Tensor, zq: Tensor | None = None, out_dtype: torch.dtype | None = None,
+              native: bool = False) -> Tensor:
+    """``silu(norm(x, zq))`` as ``out_dtype`` (default ``x``'s dtype), from the native kernel where ``native`` and it
+    applies (autograd off, CPU, a :class:`~dualvitok.blocks.norm.SpatialNorm` on a channels_last bf16 map of at
+    least :data:`MIN_NATIVE_ELEMENTS` per image, bf16 result), else from PyTorch's operators (a temporary the caller
+    owns).
+
+    Args:
+        norm: an ``nn.GroupNorm`` or a :class:`~dualvitok.blocks.norm.SpatialNorm` (``zq`` required; the kernel
+            serves only these).
+        x: ``[B, C, H, W]``.
+        zq: the conditioning map of a ``SpatialNorm``, ``[B, zq_channels, h, w]`` (``H``, ``W`` multiples of ``h``,
+            ``w`` for the kernel).
+        out_dtype: the result's dtype (e.g. bf16 for a bf16 residual branch read from a float32 stream).
+        native: allow the native kernel.
+
+    Returns:
+        ``[B, C, H, W]`` in ``out_dtype``.
+    """
+    out_dtype = out_dtype or x.dtype
+    if (native and isinstance(norm, SpatialNorm) and zq is not None and out_dtype == torch.bfloat16
+            and not torch.is_grad_enabled() and x.dim() == 4 and x[0].numel() >= MIN_NATIVE_ELEMENTS
+            and not is_tracing()):
+        out = _native_norm_silu(norm, x, zq)
+        if out is not None:
+            return out
+    return F.silu(apply_norm(norm, x, zq), inplace=True).to(out_dtype)
+
+
+_choices: dict[tuple, bool] = {}  # (dtype, channels, ISA) -> measured choice, once per process
+
+
+def native_norm_silu_pays(channels: int, dtype: torch.dtype, size: int = 128, rounds: int = 5) -> bool:
+    """Whether the native kernel is faster than PyTorch's operators on this CPU for a ``channels``-wide
+    :class:`~dualvitok.blocks.norm.SpatialNorm` + SiLU at ``size x size`` (batch 1, channels_last): a one-time
+    measured choice (cached per process); ``False`` where the kernel is unavailable."""
+    if not native_available() or dtype != torch.bfloat16:
+        return False
+    key = (dtype, channels, torch.backends.cpu.get_cpu_capability())
+    if key in _choices:
+        return _choices[key]
+    norm = SpatialNorm(channels, 64).to(dtype).eval()
+    x = torch.randn(1, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    zq = torch.randn(1, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        best = interleaved_best({"native": lambda: norm_silu(norm, x, zq, native=True),
+                                 "plain": lambda: norm_silu(norm, x, zq, native=False)}, rounds)
+    choice = best["native"] < best["plain"]
+    _choices[key] = choice
+    logger.info("native GroupNorm + SiLU (%s, %d channels): %.2f ms native vs %.2f ms PyTorch operators: %s", dtype,
+                channels, best["native"] * 1e3, best["plain"] * 1e3, "native" if choice else "PyTorch operators")
+    return choice
