@@ -31,10 +31,12 @@ key:
 
 **Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions where a one-time measurement on this
 CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`),
-and the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weights where another one-time
+the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weights where another one-time
 measurement finds that faster than ``F.linear`` (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy
-of those weights). Under ``torchrun``, ``dualvitok encode`` and ``dualvitok evaluate`` make every rank take rank 0's
-choices (:func:`agree_on_kernels`).
+of those weights), and the decoder's ``silu(SpatialNorm(x, zq))`` as a native kernel
+(:mod:`dualvitok.blocks.norm_silu`, built on first use with the system C compiler) where a third one finds it faster
+(:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`). Under ``torchrun``, ``dualvitok encode`` and
+``dualvitok evaluate`` make every rank take rank 0's choices (:func:`agree_on_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
 it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with
@@ -268,10 +270,11 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
     if unknown:
         raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
     for name, value in choices.items():
-        setattr(model.inference_plan, name, bool(value))
+        value = bool(value) and (name != "native_norm" or norm_silu.native_available())  # not where it is missing
+        setattr(model.inference_plan, name, value)
         for module in model.modules():
             if isinstance(module, InferenceVariant):
-                setattr(module, name, bool(value))
+                setattr(module, name, value)
                 if name == "pack_linear" and isinstance(module, InferenceLinear):
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
 

@@ -9,6 +9,8 @@ when it is present. A missing full set skips its tests with the reason, and the 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,12 +87,13 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _native_cache(tmp_path_factory):
-    """Native kernels (``dualvitok._native``) build into a folder of this test session, not the user's cache."""
+def pytest_configure(config):
+    """Native kernels (``dualvitok._native``) build into a folder of this test session, not the user's cache (set
+    before collection: test modules ask whether the kernel is available at import)."""
     if "DUALVITOK_CACHE" not in os.environ:
-        os.environ["DUALVITOK_CACHE"] = str(tmp_path_factory.mktemp("native-cache"))
-    yield
+        folder = tempfile.mkdtemp(prefix="dualvitok-native-cache-")
+        os.environ["DUALVITOK_CACHE"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

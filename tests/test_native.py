@@ -102,3 +102,36 @@ def test_the_sources_ship_with_the_package():
     sources = sorted(p.relative_to(root / "dualvitok").as_posix() for p in _native.SOURCE_DIR.glob("*.c"))
     assert sources == ["_native/norm_silu.c"]
     assert all(any(fnmatch.fnmatch(source, pattern) for pattern in patterns) for source in sources)
+
+
+@needs_compiler
+def test_a_cache_others_can_write_is_refused(cache, caplog):
+    path = _native.build("norm_silu")
+    assert path is not None
+    cache.chmod(0o777)
+    try:
+        with caplog.at_level("WARNING"):
+            assert _native.build("norm_silu") is None
+        assert "writable by other users" in caplog.text
+    finally:
+        cache.chmod(0o700)
+    assert _native.build("norm_silu") == path
+
+
+@needs_compiler
+def test_a_symlinked_library_is_refused(cache, tmp_path, caplog):
+    path = _native.build("norm_silu")
+    elsewhere = tmp_path / "elsewhere.so"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    with caplog.at_level("WARNING"):
+        assert _native.build("norm_silu") is None
+    assert "a symlink" in caplog.text
+
+
+@needs_compiler
+def test_the_folder_is_private_and_a_compiler_with_arguments_works(cache, monkeypatch):
+    monkeypatch.setenv("CC", f"env {os.environ.get('CC', 'cc')}")  # like CC="ccache gcc"
+    path = _native.build("norm_silu")
+    assert path is not None and path.is_file()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700

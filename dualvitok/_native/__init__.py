@@ -12,9 +12,10 @@ Build: ``$CC -O3 -march=native -fPIC -shared`` (plus ``-mprefer-vector-width=512
 of fast-math that vectorisation needs (``-fno-math-errno -fno-trapping-math -ffinite-math-only -fno-signed-zeros``);
 never ``-ffast-math``, which would link code that changes the whole process's denormal handling. Cache: a file per
 (source, flags, compiler version, CPU model and flags) under ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok``
-(default ``~/.cache/dualvitok``), in ``native/``; it is written to a temporary name and renamed, so concurrent
-processes (ranks of one job) never load a partial file. The library loaded is the one built from the source shipped
-with this package; like PyTorch's own extension cache, the cache folder must be writable only by its user.
+(default ``~/.cache/dualvitok``), in ``native/``; it is written into a fresh temporary folder there and renamed, so
+concurrent processes (ranks of one job) never load a partial file. The library loaded is the one built from the
+source shipped with this package: the cache folder is made private (0700) and a folder or library that is a symlink,
+another user's or writable by others is refused (loading a library runs its code).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -68,49 +72,83 @@ def _cpu_identity() -> str:
         keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
         return "\n".join(dict.fromkeys(keep))  # one copy per distinct line
     except OSError:
+        pass
+    try:  # macOS
+        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string", "machdep.cpu.features",
+                               "hw.optional.arm64"], capture_output=True, text=True, timeout=30, check=False)
+        return done.stdout + platform.machine()
+    except (OSError, subprocess.SubprocessError):
         return platform.processor() + platform.machine()
 
 
-def _compiler_version(compiler: str) -> str | None:
+def _compiler_version(compiler: list[str]) -> str | None:
     try:
-        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
 
 
+def _private(path: Path, folder: bool) -> str | None:
+    """Why ``path`` may not be trusted (a symlink, another owner, writable by others), or ``None``."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or (stat.S_ISDIR(info.st_mode) != folder):
+        return "a symlink" if stat.S_ISLNK(info.st_mode) else "not a folder" if folder else "not a file"
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return "owned by another user"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "writable by other users"
+    return None
+
+
 def build(name: str) -> Path | None:
-    """Compile ``<name>.c`` of this folder into the cache (or find it there); its path, or ``None`` (logged)."""
+    """Compile ``<name>.c`` of this folder into the cache (or find it there); its path, or ``None`` (logged).
+
+    The cache folder is made private (mode 0700) and must stay so: a folder or library that is a symlink, belongs to
+    another user or is writable by others is refused, since loading a library runs its code. The library is written
+    into a fresh temporary folder beside it and renamed into place, so concurrent builders never see a partial file.
+    """
     source = SOURCE_DIR / f"{name}.c"
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        logger.info("native kernel %s: no C compiler (%r) found; PyTorch operators are used instead", name, compiler)
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # e.g. CC="ccache gcc"
+    if shutil.which(compiler[0]) is None:
+        logger.info("native kernel %s: no C compiler (%r) found; PyTorch operators are used instead", name,
+                    compiler[0])
         return None
     version = _compiler_version(compiler)
     if version is None:
-        logger.warning("native kernel %s: %r --version failed; PyTorch operators are used instead", name, compiler)
+        logger.warning("native kernel %s: %r --version failed; PyTorch operators are used instead", name,
+                       " ".join(compiler))
         return None
     flags = _flags()
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_identity()]).encode())
-    target = cache_dir() / f"{name}-{key.hexdigest()[:20]}{'.dylib' if sys.platform == 'darwin' else '.so'}"
-    if target.is_file():
-        return target
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(compiler), " ".join(flags), version,
+                                     _cpu_identity()]).encode())
+    folder = cache_dir()
+    target = folder / f"{name}-{key.hexdigest()[:20]}{'.dylib' if sys.platform == 'darwin' else '.so'}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([compiler, *flags, str(source), "-o", str(temporary), "-lm"], capture_output=True,
-                              text=True, timeout=300, check=False)
-        if done.returncode != 0:
-            logger.warning("native kernel %s: the build failed (%s %s); PyTorch operators are used instead:\n%s",
-                           name, compiler, " ".join(flags), (done.stderr or done.stdout).strip()[-2000:])
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        problem = _private(folder, folder=True)
+        if problem is None and (target.exists() or target.is_symlink()):
+            problem = _private(target, folder=False)
+            if problem is None:
+                return target
+        if problem is not None:
+            logger.warning("native kernel %s: the cache %s is %s; not using it (PyTorch operators are used instead)",
+                           name, folder if not target.exists() else target, problem)
             return None
-        os.replace(temporary, target)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as scratch:
+            output = Path(scratch) / target.name
+            done = subprocess.run([*compiler, *flags, str(source), "-o", str(output), "-lm"], capture_output=True,
+                                  text=True, timeout=300, check=False)
+            if done.returncode != 0:
+                logger.warning("native kernel %s: the build failed (%s %s); PyTorch operators are used instead:\n%s",
+                               name, " ".join(compiler), " ".join(flags), (done.stderr or done.stdout).strip()[-2000:])
+                return None
+            output.chmod(0o700)
+            os.replace(output, target)  # atomic: a concurrent builder's rename leaves one complete file
     except (OSError, subprocess.SubprocessError) as err:
         logger.warning("native kernel %s: could not build into %s (%s); PyTorch operators are used instead", name,
-                       target.parent, err)
+                       folder, err)
         return None
-    finally:
-        temporary.unlink(missing_ok=True)
     logger.info("native kernel %s: built %s", name, target)
     return target
 
@@ -125,8 +163,14 @@ def library(name: str) -> ctypes.CDLL | None:
         if path is not None:
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError as err:
-                logger.warning("native kernel %s: could not load %s (%s); PyTorch operators are used instead", name,
-                               path, err)
+            except OSError as err:  # e.g. a truncated file from a full disk: build it again, once
+                logger.warning("native kernel %s: could not load %s (%s); building it again", name, path, err)
+                path.unlink(missing_ok=True)
+                path = build(name)
+                try:
+                    lib = ctypes.CDLL(str(path)) if path is not None else None
+                except OSError as again:
+                    logger.warning("native kernel %s: could not load %s (%s); PyTorch operators are used instead",
+                                   name, path, again)
     _loaded[name] = lib
     return lib

@@ -1,4 +1,4 @@
-/* GroupNorm (optionally modulated as in MoVQ's SpatialNorm) followed by SiLU, for channels-last bf16 CPU maps.
+/* GroupNorm modulated as in MoVQ's SpatialNorm, followed by SiLU, for channels-last bf16 CPU maps.
 
    The fast path's decoder spends about a fifth of its time in three memory- and exp-bound PyTorch operators per norm
    (native_group_norm, addcmul, silu_). These kernels do the same work in two passes over the map: one reads it for
@@ -11,13 +11,13 @@
    Layout: a map is [rows, C] with rows = H * W in raster order (a channels_last [1, C, H, W] tensor). The modulation
    maps y and b are float32 [h, w, C] and are upsampled (nearest, integer factors sh = H / h, sw = W / w) on the fly.
 
-   Statistics are sums of (x - k_c) and (x - k_c)^2 with k_c = x[0, c] (shifted sums: no cancellation when a
-   channel's mean is large against its spread), in float over blocks of 256 rows and in double across blocks, in
-   block order: the same values for any number of threads.
-   SiLU uses its own exp (2^t, a degree-5 polynomial on |f| <= 0.5, relative error about 2e-7; t clamped to
-   [-64, 64], which changes nothing a bf16 result can show) so that the loop vectorises without fast-math; the
-   division is a reciprocal refined by Newton steps. Non-finite inputs give unspecified (not necessarily NaN)
-   outputs. */
+   Statistics are sums of (x - k_c) and (x - k_c)^2, with k_c the caller's estimate of channel c's mean (shifted
+   sums: no cancellation when a channel's mean is large against its spread), in float over blocks of 256 rows and in
+   double across blocks, in block order: the same values for any number of threads.
+   SiLU uses its own exp so that the loop vectorises without fast-math: 2^t with t = -v log2(e) split into
+   n = floor(t) and f in [0, 1), 2^f by a degree-5 polynomial (relative error below 1.5e-7), t clamped to [-64, 64]
+   (for v < -44.4 the result is v * 2^-64, below 3e-18, instead of v * e^v); the division is a reciprocal refined by
+   Newton steps. Non-finite inputs give unspecified outputs (PyTorch's operators would give NaN). */
 
 #include <math.h>
 #include <stdint.h>
@@ -40,7 +40,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
 static inline float exp_neg(float v) { /* e^-v */
     float t = -v * 1.4426950408889634f;
     t = t < -64.0f ? -64.0f : (t > 64.0f ? 64.0f : t);
-    float n = floorf(t + 0.5f), f = t - n;
+    float n = floorf(t), f = t - n; /* f in [0, 1), where the polynomial is fitted */
     float p = 1.8775767e-3f;
     p = p * f + 8.9893397e-3f;
     p = p * f + 5.5826318e-2f;
@@ -74,7 +74,7 @@ static inline float silu(float v) { return v * reciprocal(1.0f + exp_neg(v)); }
 static inline __m512 silu16(__m512 v) { /* the same arithmetic as silu(), 16 lanes, scalef for 2^n */
     __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(-1.4426950408889634f));
     t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(64.0f)), _mm512_set1_ps(-64.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(1.8775767e-3f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9893397e-3f));
@@ -102,12 +102,13 @@ static inline void store16_bf16(uint16_t *p, __m512 v) { /* round to nearest eve
 
 /* Shifted per-channel sums of the row blocks [block0, block1) (a block: DVT_BLOCK_ROWS rows; the last one may be
    shorter) of a map of `rows` rows: out[j][c] = sum (x - k_c), out[j][C + c] = sum (x - k_c)^2 over block j, with
-   k_c = x[0, c]; out is [blocks, 2 * C] floats. Per-block results make the statistics independent of how the
+   k_c = shift_k[c]; out is [blocks, 2 * C] floats. Per-block results make the statistics independent of how the
    caller splits the blocks over its threads. */
 #define DVT_BLOCK_ROWS 256
 
 #ifdef DVT_AVX512
-void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t block0, int64_t block1, float *out) {
+void dvt_channel_sums_bf16(const uint16_t *x, const float *shift_k, int64_t C, int64_t rows, int64_t block0,
+                           int64_t block1, float *out) {
     int64_t vec = C - C % 64;
     for (int64_t j = block0; j < block1; j++) {
         int64_t r = j * DVT_BLOCK_ROWS, end = r + DVT_BLOCK_ROWS < rows ? r + DVT_BLOCK_ROWS : rows;
@@ -115,7 +116,7 @@ void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t b
         for (int64_t c0 = 0; c0 < vec; c0 += 64) { /* blocks of 64 channels, the accumulators in registers */
             __m512 k[4], s[4], q[4];
             for (int v = 0; v < 4; v++) {
-                k[v] = load16_bf16(x + c0 + 16 * v);
+                k[v] = _mm512_loadu_ps(shift_k + c0 + 16 * v);
                 s[v] = _mm512_setzero_ps();
                 q[v] = _mm512_setzero_ps();
             }
@@ -133,7 +134,7 @@ void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t b
             }
         }
         for (int64_t c = vec; c < C; c++) { /* the remaining channels, one at a time */
-            float k = bf16_to_f32(x[c]), s = 0.0f, q = 0.0f;
+            float k = shift_k[c], s = 0.0f, q = 0.0f;
             for (int64_t i = r; i < end; i++) {
                 float d = bf16_to_f32(x[i * C + c]) - k;
                 s += d;
@@ -145,7 +146,8 @@ void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t b
     }
 }
 #else
-void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t block0, int64_t block1, float *out) {
+void dvt_channel_sums_bf16(const uint16_t *x, const float *shift_k, int64_t C, int64_t rows, int64_t block0,
+                           int64_t block1, float *out) {
     for (int64_t j = block0; j < block1; j++) {
         int64_t r = j * DVT_BLOCK_ROWS, end = r + DVT_BLOCK_ROWS < rows ? r + DVT_BLOCK_ROWS : rows;
         float *sum = out + j * 2 * C, *sumsq = sum + C;
@@ -153,7 +155,7 @@ void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t b
         for (int64_t i = r; i < end; i++) {
             const uint16_t *row = x + i * C;
             for (int64_t c = 0; c < C; c++) {
-                float d = bf16_to_f32(row[c]) - bf16_to_f32(x[c]);
+                float d = bf16_to_f32(row[c]) - shift_k[c];
                 sum[c] += d;
                 sumsq[c] += d * d;
             }
@@ -163,7 +165,7 @@ void dvt_channel_sums_bf16(const uint16_t *x, int64_t C, int64_t rows, int64_t b
 #endif
 
 /* GroupNorm's per-channel affine from the blocks' sums (added in double, in block order): normalised x is
-   x * scale[c] + shift[c]. sums: [blocks, 2 * C] floats from dvt_channel_sums_bf16; k: x[0, c] as floats;
+   x * scale[c] + shift[c]. sums: [blocks, 2 * C] floats from dvt_channel_sums_bf16; k: the same shift_k;
    gamma, beta: float [C]. */
 void dvt_group_affine(const float *sums, int64_t blocks, const float *k, int64_t C, int64_t groups, int64_t rows,
                       double eps, const float *gamma, const float *beta, float *scale, float *shift) {
@@ -194,8 +196,8 @@ void dvt_group_affine(const float *sums, int64_t blocks, const float *k, int64_t
     }
 }
 
-/* out = silu(n * y + b) with n = x * scale + shift (or silu(n) when y is NULL), for map rows hh in [h0, h1) of an
-   H x W map; y, b: float [h, w, C], cell (hh / sh, ww / sw). */
+/* out = silu(n * y + b) with n = x * scale + shift, for map rows hh in [h0, h1) of an H x W map; y, b: float
+   [h, w, C], read at cell (hh / sh, ww / sw). */
 void dvt_norm_silu_bf16_bf16(const uint16_t *x, uint16_t *out, const float *scale, const float *shift, const float *y,
                              const float *b, int64_t C, int64_t W, int64_t h0, int64_t h1, int64_t sh, int64_t sw,
                              int64_t w) {
@@ -208,21 +210,15 @@ void dvt_norm_silu_bf16_bf16(const uint16_t *x, uint16_t *out, const float *scal
         for (int64_t ww = 0; ww < W; ww++) {
             const uint16_t *xr = x + (hh * W + ww) * C;
             uint16_t *o = out + (hh * W + ww) * C;
-            const float *yr = y ? y + ((hh / sh) * w + ww / sw) * C : NULL;
-            const float *br = y ? b + ((hh / sh) * w + ww / sw) * C : NULL;
+            const float *yr = y + ((hh / sh) * w + ww / sw) * C, *br = b + ((hh / sh) * w + ww / sw) * C;
 #ifdef DVT_AVX512
             for (int64_t c = 0; c < vec; c += 16) {
                 __m512 n = _mm512_fmadd_ps(load16_bf16(xr + c), _mm512_loadu_ps(scale + c), _mm512_loadu_ps(shift + c));
-                if (yr) n = _mm512_fmadd_ps(n, _mm512_loadu_ps(yr + c), _mm512_loadu_ps(br + c));
-                store16_bf16(o + c, silu16(n));
+                store16_bf16(o + c, silu16(_mm512_fmadd_ps(n, _mm512_loadu_ps(yr + c), _mm512_loadu_ps(br + c))));
             }
 #endif
-            if (yr) {
-                for (int64_t c = vec; c < C; c++)
-                    o[c] = f32_to_bf16(silu((bf16_to_f32(xr[c]) * scale[c] + shift[c]) * yr[c] + br[c]));
-            } else {
-                for (int64_t c = vec; c < C; c++) o[c] = f32_to_bf16(silu(bf16_to_f32(xr[c]) * scale[c] + shift[c]));
-            }
+            for (int64_t c = vec; c < C; c++)
+                o[c] = f32_to_bf16(silu((bf16_to_f32(xr[c]) * scale[c] + shift[c]) * yr[c] + br[c]));
         }
     }
 }

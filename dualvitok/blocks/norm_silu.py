@@ -6,7 +6,7 @@ PyTorch runs that as three memory- and ``exp``-bound operators over a full-resol
 25-35 ms on 2 cores in bf16). :func:`norm_silu` runs the compiled kernel of ``dualvitok/_native/norm_silu.c`` instead
 where it is available and the map is large enough: two passes (per-channel sums; normalise, modulate, SiLU, store),
 split over PyTorch's thread count. Elsewhere (autograd on, tracing, other devices, layouts or dtypes, plain
-GroupNorms, small maps, no C compiler) it runs the PyTorch operators.
+GroupNorms, small maps, forward hooks on the norm, no C compiler) it runs the PyTorch operators.
 
 Scope: bf16 maps and :class:`SpatialNorm` only, so everything float32 (the reference path, the fast path's
 index-deciding pixel encoder, whose norms are plain GroupNorms) keeps PyTorch's values: pixel indices are
@@ -20,11 +20,11 @@ operators round after each step. Both are within bf16 rounding of the float64 va
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import logging
+import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
 import torch
@@ -46,49 +46,50 @@ MIN_NATIVE_ELEMENTS = 1 << 20
 fixed cost outweighs the saved passes (at ``[1, 1536, 16, 16]`` the kernel was 0.4x of PyTorch's operators)."""
 
 
-_lock = threading.Lock()
-_functions: dict | None = None  # C function name -> ctypes function (empty: unavailable)
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
+_lock = threading.RLock()  # guards _functions and _pools (re-entered: the self-check asks for a pool)
+_functions: dict | None = None  # the kernel's ctypes functions, published after the self-check ({}: unavailable)
+_pools: dict[int, ThreadPoolExecutor] = {}  # thread count -> pool, never shut down while the process lives
 
 
 def _library_functions() -> dict:
-    """The kernel's ctypes functions, typed, after a self-check against the PyTorch operators ({} if unavailable)."""
+    """The kernel's ctypes functions, typed and self-checked against float64 PyTorch ({} if unavailable)."""
     global _functions
     with _lock:
         if _functions is not None:
             return _functions
-        _functions = {}
-        lib = _native.library("norm_silu")
-        if lib is None:
-            return _functions
-        p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-        signatures = {"sums": ("dvt_channel_sums_bf16", [p, i64, i64, i64, i64, p]),
-                      "affine": ("dvt_group_affine", [p, i64, p, i64, i64, i64, f64, p, p, p, p]),
-                      "apply": ("dvt_norm_silu_bf16_bf16", [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64])}
         functions = {}
-        for key, (symbol, argtypes) in signatures.items():
-            functions[key] = getattr(lib, symbol)
-            functions[key].argtypes, functions[key].restype = argtypes, None
-        _functions = functions
-    if not _self_check():
-        _functions = {}
-    return _functions
+        lib = _native.library("norm_silu")
+        if lib is not None:
+            p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+            signatures = {"sums": ("dvt_channel_sums_bf16", [p, p, i64, i64, i64, i64, p]),
+                          "affine": ("dvt_group_affine", [p, i64, p, i64, i64, i64, f64, p, p, p, p]),
+                          "apply": ("dvt_norm_silu_bf16_bf16", [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64])}
+            for key, (symbol, argtypes) in signatures.items():
+                functions[key] = getattr(lib, symbol)
+                functions[key].argtypes, functions[key].restype = argtypes, None
+            if not _self_check(functions):
+                functions = {}
+        _functions = functions  # other threads see the functions only once they passed the check
+        return _functions
 
 
-def _self_check() -> bool:
-    """The kernel against float64 PyTorch on a small map, once per process (a miscompiled build is not used)."""
+def _self_check(functions: dict) -> bool:
+    """The kernel against float64 PyTorch on a small map (a miscompiled build is not used)."""
     generator = torch.Generator().manual_seed(0)
     norm = SpatialNorm(64, 8)
     with torch.no_grad():
         for parameter in norm.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-        x = (torch.randn(2, 64, 8, 12, generator=generator) * 3 + 1).contiguous(memory_format=torch.channels_last)
-        zq = torch.randn(2, 8, 2, 3, generator=generator).contiguous(memory_format=torch.channels_last)
-        want = F.silu(copy.deepcopy(norm).double()(x.bfloat16().double(), zq.bfloat16().double()))
-        got = _native_norm_silu(norm.bfloat16(), x.bfloat16(), zq.bfloat16())
-        # the modulation maps are computed in bf16 from bf16 weights, so allow a few bf16 roundings
-        if got is None or not torch.allclose(got.double(), want, rtol=0.03, atol=0.05):
+        norm.bfloat16()
+        x = (torch.randn(2, 64, 8, 12, generator=generator) * 3 + 1).bfloat16()
+        x = x.contiguous(memory_format=torch.channels_last)
+        zq = torch.randn(2, 8, 2, 3, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+        y, b = (F.interpolate(conv(zq).double(), size=x.shape[-2:]) for conv in (norm.conv_y, norm.conv_b))
+        gn = norm.norm_layer
+        want = F.silu(F.group_norm(x.double(), 32, gn.weight.double(), gn.bias.double(), gn.eps) * y + b)
+        got = _native_norm_silu(norm, x, zq, functions)
+        # one rounding to bf16 away from the float64 value computed from the same bf16 maps
+        if got is None or not torch.allclose(got.double(), want, rtol=2**-8, atol=1e-3):
             error = "no result" if got is None else f"max error {(got.double() - want).abs().max().item():.3g}"
             logger.warning("native GroupNorm + SiLU kernel failed its self-check (%s); PyTorch operators are used "
                            "instead", error)
@@ -96,16 +97,24 @@ def _self_check() -> bool:
     return True
 
 
+def _forget_pools_after_fork() -> None:
+    """A forked child has none of the parent's pool threads (and maybe a held lock): start afresh there."""
+    global _lock, _pools
+    _lock, _pools = threading.RLock(), {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def _threads() -> tuple[ThreadPoolExecutor, int]:
-    """A pool of PyTorch's intra-op thread count (ctypes calls release the GIL, so its threads run in parallel)."""
-    global _pool, _pool_threads
+    """A pool for PyTorch's intra-op thread count of the calling thread (ctypes calls release the GIL, so the pool's
+    threads run in parallel); one pool per count, kept, so a pool is never shut down under another caller."""
     threads = max(1, torch.get_num_threads())
     with _lock:
-        if _pool is None or _pool_threads != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualvitok-norm-silu"), threads
-        return _pool, threads
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="dualvitok-norm-silu")
+        return _pools[threads], threads
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -113,20 +122,38 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _run(pool: ThreadPoolExecutor, calls: list) -> None:
-    """Run the calls on the pool's threads, the last one on this thread; wait for all."""
+    """Run the calls on the pool's threads, the last one on this thread; always wait for all of them before
+    returning or raising (they write and read the caller's tensors, which must outlive them)."""
     futures = [pool.submit(call) for call in calls[:-1]]
-    calls[-1]()
+    try:
+        calls[-1]()
+    finally:
+        wait(futures)
     for future in futures:
-        future.result()
+        future.result()  # re-raise a worker's error
 
 
-def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor) -> Tensor | None:
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether forward hooks would run on these modules (the kernel calls none of them)."""
+    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    return any(global_hooks) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _mean_estimate(x2d: Tensor) -> Tensor:
+    """Each channel's mean over up to 256 rows spread evenly through ``x2d [rows, C]``, float32 (the shift of the
+    kernel's sums: close to the mean, so the shifted sums do not cancel)."""
+    step = max(1, x2d.shape[0] // BLOCK_ROWS)
+    return x2d[::step].float().mean(0).contiguous()
+
+
+def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: dict | None = None) -> Tensor | None:
     """The kernel's bf16 ``silu(norm(x, zq))``, or ``None`` where it does not apply."""
-    functions = _functions if _functions else _library_functions()
+    functions = functions if functions is not None else (_functions if _functions else _library_functions())
     group_norm = norm.norm_layer
-    if (not functions or x.dtype != torch.bfloat16 or x.dim() != 4 or x.device.type != "cpu"
+    if (not functions or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[0] == 0 or x.device.type != "cpu"
             or not x.is_contiguous(memory_format=torch.channels_last) or not isinstance(group_norm, nn.GroupNorm)
-            or not group_norm.affine or group_norm.num_channels != x.shape[1] or zq.dim() != 4):
+            or not group_norm.affine or group_norm.num_channels != x.shape[1] or zq.dim() != 4
+            or _has_hooks(norm, group_norm)):
         return None
     batch, channels, height, width = x.shape
     y, b = norm.conv_y(zq), norm.conv_b(zq)  # [B, C, h, w]: 1x1 convolutions on the small map
@@ -148,8 +175,9 @@ def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor) -> Tensor | None
     block_ranges, height_ranges = _split(blocks, min(threads, blocks)), _split(height, min(threads, height))
     for image in range(batch):
         xi, oi = x[image], out[image]
-        k = xi[:, 0, 0].float().contiguous()  # the shift of the sums: each channel's first value
-        _run(pool, [partial(sums, xi.data_ptr(), channels, rows, *r, block_sums.data_ptr()) for r in block_ranges])
+        k = _mean_estimate(xi.permute(1, 2, 0).view(rows, channels))  # [H, W, C] memory -> [rows, C]
+        _run(pool, [partial(sums, xi.data_ptr(), k.data_ptr(), channels, rows, *r, block_sums.data_ptr())
+                    for r in block_ranges])
         functions["affine"](block_sums.data_ptr(), blocks, k.data_ptr(), channels, group_norm.num_groups, rows,
                             float(group_norm.eps), gamma.data_ptr(), beta.data_ptr(), scale.data_ptr(),
                             shift.data_ptr())
@@ -185,8 +213,8 @@ def norm_silu(norm: nn.Module, x: Tensor, zq: Tensor | None = None, out_dtype: t
     """
     out_dtype = out_dtype or x.dtype
     if (native and isinstance(norm, SpatialNorm) and zq is not None and out_dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and x.dim() == 4 and x[0].numel() >= MIN_NATIVE_ELEMENTS
-            and not is_tracing()):
+            and not torch.is_grad_enabled() and x.dim() == 4 and x.shape[0] > 0
+            and x[0].numel() >= MIN_NATIVE_ELEMENTS and not is_tracing()):
         out = _native_norm_silu(norm, x, zq)
         if out is not None:
             return out
@@ -198,13 +226,16 @@ _choices: dict[tuple, bool] = {}  # (dtype, channels, ISA) -> measured choice, o
 
 def native_norm_silu_pays(channels: int, dtype: torch.dtype, size: int = 128, rounds: int = 5) -> bool:
     """Whether the native kernel is faster than PyTorch's operators on this CPU for a ``channels``-wide
-    :class:`~dualvitok.blocks.norm.SpatialNorm` + SiLU at ``size x size`` (batch 1, channels_last): a one-time
-    measured choice (cached per process); ``False`` where the kernel is unavailable."""
+    :class:`~dualvitok.blocks.norm.SpatialNorm` + SiLU at ``size x size`` (batch 1, channels_last; larger where
+    that map would be under :data:`MIN_NATIVE_ELEMENTS`): a one-time measured choice (cached per process);
+    ``False`` where the kernel is unavailable."""
     if not native_available() or dtype != torch.bfloat16:
         return False
     key = (dtype, channels, torch.backends.cpu.get_cpu_capability())
     if key in _choices:
         return _choices[key]
+    while size * size * channels < MIN_NATIVE_ELEMENTS:
+        size += 16
     norm = SpatialNorm(channels, 64).to(dtype).eval()
     x = torch.randn(1, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     zq = torch.randn(1, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -91,13 +91,17 @@ def test_kernel_matches_float64_as_closely_as_pytorch_bf16(any_size, calls, batc
     assert native_error.max() <= plain_error.max() * 1.05 + 1e-6
     assert native_error.mean() <= plain_error.mean() * 1.05 + 1e-6
     assert (native_error <= want.abs() * 2 ** -8 + 1e-3).all()  # one rounding to bf16 (2^-9) and float32 sums
+    # and mostly the correctly rounded value itself (the exp is accurate to 1.5e-7, the statistics to float32's)
+    assert (native == want.to(torch.bfloat16)).float().mean() >= 0.99
 
 
 @needs_native
 def test_kernel_statistics_hold_for_a_large_mean(any_size):
-    """Shifted sums: a mean of 300 against a spread of 2 (E[x^2] - E[x]^2 in float would lose the variance)."""
+    """Shifted sums: a mean of 300 against a spread of 2 (E[x^2] - E[x]^2 in float would lose the variance), and a
+    first pixel far from the rest (the shift is a mean over rows spread through the map, not one pixel)."""
     norm = _norm(64)
     x, zq = _inputs(1, 64, 32, 32, (4, 4), mean=300.0)
+    x[:, :, 0, 0] = -300.0
     with torch.inference_mode():
         native = norm_silu.norm_silu(norm, x, zq, native=True)
     want = _reference(norm, x, zq)
@@ -148,6 +152,13 @@ def test_plain_operators_run_where_the_kernel_does_not_apply(any_size, calls):
                 got = run()
         assert calls["native"] == 0, name
         assert torch.isfinite(got).all() and got.shape == x.shape, name
+    norm.bfloat16()
+    seen = []
+    handle = norm.norm_layer.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    with torch.inference_mode():  # a hook on the norm: it must run, so PyTorch's operators do
+        norm_silu.norm_silu(norm, x, zq, native=True)
+    handle.remove()
+    assert calls["native"] == 0 and seen == [x.shape]
     with torch.inference_mode():  # the float32 fallback is PyTorch's result exactly
         norm.float()
         assert torch.equal(norm_silu.norm_silu(norm, x.float(), zq.float(), native=True), plain(x.float(), zq.float()))
@@ -179,7 +190,7 @@ def test_kernel_uses_the_thread_count(any_size, monkeypatch):
 @needs_native
 def test_a_failed_self_check_disables_the_kernel(monkeypatch, caplog):
     monkeypatch.setattr(norm_silu, "_functions", None)  # load again, with a kernel that returns wrong values
-    monkeypatch.setattr(norm_silu, "_native_norm_silu", lambda norm, x, zq: torch.zeros_like(x))
+    monkeypatch.setattr(norm_silu, "_native_norm_silu", lambda norm, x, *args: torch.zeros_like(x))
     with caplog.at_level("WARNING"):
         assert not norm_silu.native_available()
     assert "failed its self-check" in caplog.text
@@ -222,6 +233,9 @@ def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch):
     assert mse > 0 and 10 * torch.log10(torch.tensor(4.0 / mse)) > 40  # images in [-1, 1]
     inference.use_kernels(on, native_norm=False)
     assert not on.inference_plan.native_norm and all(not m.native_norm for m in variants)
+    monkeypatch.setattr(norm_silu, "native_available", lambda: False)  # e.g. rank 0's choice on a rank without it
+    inference.use_kernels(on, native_norm=True)
+    assert not on.inference_plan.native_norm and all(not m.native_norm for m in variants)
 
 
 def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatch):
@@ -242,8 +256,17 @@ def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatc
     assert not missing.inference_plan.native_norm  # asked for, but there is no kernel: plain operators
 
 
+def _has_avx512() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512f" in flags and "avx512bw" in flags
+
+
 @needs_native
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86: the AVX-512 and portable loops")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not _has_avx512(),
+                    reason="an x86 CPU with AVX-512: the intrinsics loops against the portable ones")
 def test_portable_loops_agree_with_the_avx512_ones(any_size, monkeypatch, tmp_path):
     """The C source's portable loops (CPUs without AVX-512) against its intrinsics (where this CPU has them)."""
     from dualvitok import _native
@@ -252,13 +275,52 @@ def test_portable_loops_agree_with_the_avx512_ones(any_size, monkeypatch, tmp_pa
     x, zq = _inputs(2, 96, 24, 16, (3, 2))
     with torch.inference_mode():
         default = norm_silu.norm_silu(norm, x, zq, native=True)
+        default_build = _native.build("norm_silu")
         monkeypatch.setenv("DUALVITOK_CACHE", str(tmp_path))
         monkeypatch.setattr(_native, "_loaded", {})
         monkeypatch.setattr(_native, "FLAGS", (*_native.FLAGS, "-mno-avx512f"))
         monkeypatch.setattr(norm_silu, "_functions", None)
         assert norm_silu.native_available()
+        assert _native.build("norm_silu") != default_build  # another library: the portable loops
         portable = norm_silu.norm_silu(norm, x, zq, native=True)
     want = _reference(norm, x, zq)
     assert ((portable.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-3).all()
     assert ((portable.double() - default.double()).abs() <= default.double().abs() * 2 ** -7 + 1e-3).all()
     assert (portable == default).float().mean() > 0.99
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_kernel_works_in_a_forked_child(any_size, monkeypatch):
+    """After a fork the child starts its own pool threads (the parent's do not exist there)."""
+    import os
+    import select
+    import signal
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a pool of 2 in the parent and in the child
+    norm = _norm(64)
+    x, zq = _inputs(1, 64, 16, 16, (4, 4))
+    with torch.inference_mode():
+        parent = norm_silu.norm_silu(norm, x, zq, native=True)  # the pool and its threads exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, report, exit without pytest's teardown
+        try:
+            torch.set_num_threads(1)  # PyTorch's own OpenMP threads are not fork-safe; the kernel's pool must be
+            with torch.inference_mode():
+                child = norm_silu.norm_silu(norm, x, zq, native=True)
+            os.write(write, b"1" if torch.equal(child, parent) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        answer = os.read(read, 1) if ready else b"timeout"
+    finally:
+        os.close(read)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    assert answer == b"1"
