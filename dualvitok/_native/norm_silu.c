@@ -9,7 +9,7 @@
    was 1.6x slower); elsewhere the portable C loops are vectorised by the compiler.
 
    Layout: a map is [rows, C] with rows = H * W in raster order (a channels_last [1, C, H, W] tensor). The modulation
-   maps y and b are float32 [h, w, C] and are upsampled (nearest, integer factors sh = H / h, sw = W / w) on the fly.
+   maps y and b are bf16 [h, w, C] and are upsampled (nearest, integer factors sh = H / h, sw = W / w) on the fly.
 
    Statistics are sums of (x - k_c) and (x - k_c)^2, with k_c the caller's estimate of channel c's mean (shifted
    sums: no cancellation when a channel's mean is large against its spread), in float over blocks of 256 rows and in
@@ -196,11 +196,11 @@ void dvt_group_affine(const float *sums, int64_t blocks, const float *k, int64_t
     }
 }
 
-/* out = silu(n * y + b) with n = x * scale + shift, for map rows hh in [h0, h1) of an H x W map; y, b: float
-   [h, w, C], read at cell (hh / sh, ww / sw). */
-void dvt_norm_silu_bf16_bf16(const uint16_t *x, uint16_t *out, const float *scale, const float *shift, const float *y,
-                             const float *b, int64_t C, int64_t W, int64_t h0, int64_t h1, int64_t sh, int64_t sw,
-                             int64_t w) {
+/* out = silu(n * y + b) with n = x * scale + shift, for map rows hh in [h0, h1) of an H x W map; y, b: bf16
+   [h, w, C] (the channels_last outputs of the modulation's 1x1 convolutions), read at cell (hh / sh, ww / sw). */
+void dvt_norm_silu_bf16_bf16(const uint16_t *x, uint16_t *out, const float *scale, const float *shift,
+                             const uint16_t *y, const uint16_t *b, int64_t C, int64_t W, int64_t h0, int64_t h1,
+                             int64_t sh, int64_t sw, int64_t w) {
 #ifdef DVT_AVX512
     int64_t vec = C - C % 16; /* 16-lane loop (the compiler's own vectorisation of exp and division was 1.6x slower) */
 #else
@@ -210,15 +210,16 @@ void dvt_norm_silu_bf16_bf16(const uint16_t *x, uint16_t *out, const float *scal
         for (int64_t ww = 0; ww < W; ww++) {
             const uint16_t *xr = x + (hh * W + ww) * C;
             uint16_t *o = out + (hh * W + ww) * C;
-            const float *yr = y + ((hh / sh) * w + ww / sw) * C, *br = b + ((hh / sh) * w + ww / sw) * C;
+            const uint16_t *yr = y + ((hh / sh) * w + ww / sw) * C, *br = b + ((hh / sh) * w + ww / sw) * C;
 #ifdef DVT_AVX512
             for (int64_t c = 0; c < vec; c += 16) {
                 __m512 n = _mm512_fmadd_ps(load16_bf16(xr + c), _mm512_loadu_ps(scale + c), _mm512_loadu_ps(shift + c));
-                store16_bf16(o + c, silu16(_mm512_fmadd_ps(n, _mm512_loadu_ps(yr + c), _mm512_loadu_ps(br + c))));
+                store16_bf16(o + c, silu16(_mm512_fmadd_ps(n, load16_bf16(yr + c), load16_bf16(br + c))));
             }
 #endif
             for (int64_t c = vec; c < C; c++)
-                o[c] = f32_to_bf16(silu((bf16_to_f32(xr[c]) * scale[c] + shift[c]) * yr[c] + br[c]));
+                o[c] = f32_to_bf16(silu((bf16_to_f32(xr[c]) * scale[c] + shift[c]) * bf16_to_f32(yr[c]) +
+                                        bf16_to_f32(br[c])));
         }
     }
 }
