@@ -228,11 +228,13 @@ def norm_silu(norm: nn.Module, x: Tensor, zq: Tensor | None = None, out_dtype: t
 _choices: dict[tuple, bool] = {}  # (dtype, channels, ISA) -> measured choice, once per process
 
 
-def native_norm_silu_pays(channels: int, dtype: torch.dtype, size: int = 128, rounds: int = 5) -> bool:
+def native_norm_silu_pays(channels: int, dtype: torch.dtype, size: int = 256, rounds: int = 5) -> bool:
     """Whether the native kernel is faster than PyTorch's operators on this CPU for a ``channels``-wide
     :class:`~dualvitok.blocks.norm.SpatialNorm` + SiLU at ``size x size`` (batch 1, channels_last; larger where
-    that map would be under :data:`MIN_NATIVE_ELEMENTS`): a one-time measured choice (cached per process);
-    ``False`` where the kernel is unavailable."""
+    that map would be under :data:`MIN_NATIVE_ELEMENTS`): a one-time measured choice (about 0.3 s at 384 channels,
+    cached per process); ``False`` where the kernel is unavailable. The size is the released decoder's full-resolution
+    level at 256x256, where most of the kernel's work is (at 128x128 the margin, about 1.1x, is within the noise of
+    a shared machine)."""
     if not native_available() or dtype != torch.bfloat16:
         return False
     key = (dtype, channels, torch.backends.cpu.get_cpu_capability())
