@@ -15,7 +15,9 @@ needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A fresh cache folder and loader state, whatever the caller's DUALVITOK_NATIVE switch."""
     monkeypatch.setenv("DUALVITOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DUALVITOK_NATIVE", raising=False)
     monkeypatch.setattr(_native, "_loaded", {})
     return tmp_path / "cache" / "native"
 
