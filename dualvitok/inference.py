@@ -265,12 +265,18 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
     ``native_norm=``: the native GroupNorm + SiLU kernel), e.g. to take
-    another process's measured choices; ``model.inference_plan`` records them."""
+    another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` where the kernel
+    is unavailable (no C compiler) is recorded as ``False``, with a warning."""
     unknown = set(choices) - set(KERNEL_CHOICES)
     if unknown:
         raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
     for name, value in choices.items():
-        value = bool(value) and (name != "native_norm" or norm_silu.native_available())  # not where it is missing
+        value = bool(value)
+        if name == "native_norm" and value and not norm_silu.native_available():
+            logger.warning("use_kernels(native_norm=True): the native GroupNorm + SiLU kernel is unavailable in this "
+                           "process; PyTorch's operators run (decoded images may differ from other processes' in "
+                           "the last bits; tokens do not)")
+            value = False
         setattr(model.inference_plan, name, value)
         for module in model.modules():
             if isinstance(module, InferenceVariant):
@@ -370,8 +376,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
         _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype,
                  low_precision_reason(model.config.pixel_encoder.ch, device_type, dtype))
+    decoder_dtype = next(model.pixel_decoder.parameters()).dtype
     if plan.fuse_conv and fuse_conv is None:  # one-time measured choice on this CPU (pixel decoder width and dtype)
-        decoder_dtype = next(model.pixel_decoder.parameters()).dtype
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)
     elif plan.fuse_conv:
         plan.fuse_conv = bool(fuse_conv)
@@ -380,11 +386,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     if device_type == "cpu" and not compile and packed.can_pack(tower_weight) and pack_linear is not False:
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
-    if device_type == "cpu" and not compile and native_norm is not False:
-        decoder_dtype = next(model.pixel_decoder.parameters()).dtype
+    if device_type == "cpu" and not compile and native_norm is not False and decoder_dtype == torch.bfloat16:
         if native_norm and not norm_silu.native_available():
             logger.warning("optimize_for_inference(native_norm=True): the native GroupNorm + SiLU kernel is "
-                           "unavailable here (see the log above); PyTorch's operators run instead")
+                           "unavailable here (logged at INFO: no C compiler, DUALVITOK_NATIVE=0; or a warning above); "
+                           "PyTorch's operators run instead")
         plan.native_norm = norm_silu.native_available() and (
             bool(native_norm) or norm_silu.native_norm_silu_pays(model.config.pixel_decoder.ch, decoder_dtype))
     # replaced parts reach the branches (DualViTok.__setattr__)

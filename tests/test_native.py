@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 
@@ -10,7 +11,8 @@ import pytest
 
 from dualvitok import _native
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler here")
+needs_compiler = pytest.mark.skipif(shutil.which((shlex.split(os.environ.get("CC", "cc")) or ["cc"])[0]) is None,
+                                    reason="no C compiler here")
 
 
 @pytest.fixture
@@ -136,4 +138,12 @@ def test_the_folder_is_private_and_a_compiler_with_arguments_works(cache, monkey
     monkeypatch.setenv("CC", f"env {os.environ.get('CC', 'cc')}")  # like CC="ccache gcc"
     path = _native.build("norm_silu")
     assert path is not None and path.is_file()
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+
+
+@needs_compiler
+def test_an_older_folder_others_can_read_is_made_private(cache):
+    cache.mkdir(parents=True, mode=0o755)
+    cache.chmod(0o755)
+    assert _native.build("norm_silu") is not None
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700

@@ -14,8 +14,8 @@ never ``-ffast-math``, which would link code that changes the whole process's de
 (source, flags, compiler version, CPU model and flags) under ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok``
 (default ``~/.cache/dualvitok``), in ``native/``; it is written into a fresh temporary folder there and renamed, so
 concurrent processes (ranks of one job) never load a partial file. The library loaded is the one built from the
-source shipped with this package: the cache folder is made private (0700) and a folder or library that is a symlink,
-another user's or writable by others is refused (loading a library runs its code).
+source shipped with this package: the cache folder is made private (0700), and a folder or library that is a
+symlink, another user's or writable by others is refused (loading a library runs its code).
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def _private(path: Path, folder: bool) -> str | None:
 def build(name: str) -> Path | None:
     """Compile ``<name>.c`` of this folder into the cache (or find it there); its path, or ``None`` (logged).
 
-    The cache folder is made private (mode 0700) and must stay so: a folder or library that is a symlink, belongs to
-    another user or is writable by others is refused, since loading a library runs its code. The library is written
+    The cache folder is made private (mode 0700; an existing one of the user's that others can only read is made so
+    too): a folder or library that is a symlink, belongs to another user or is writable by others is refused, since
+    loading a library runs its code. The library is written
     into a fresh temporary folder beside it and renamed into place, so concurrent builders never see a partial file.
     """
     source = SOURCE_DIR / f"{name}.c"
@@ -126,14 +127,16 @@ def build(name: str) -> Path | None:
     target = folder / f"{name}-{key.hexdigest()[:20]}{'.dylib' if sys.platform == 'darwin' else '.so'}"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        problem = _private(folder, folder=True)
+        checked, problem = folder, _private(folder, folder=True)
+        if problem is None and stat.S_IMODE(folder.stat().st_mode) != 0o700:
+            folder.chmod(0o700)  # an older folder others could only read: the user's own, made private
         if problem is None and (target.exists() or target.is_symlink()):
-            problem = _private(target, folder=False)
+            checked, problem = target, _private(target, folder=False)
             if problem is None:
                 return target
         if problem is not None:
-            logger.warning("native kernel %s: the cache %s is %s; not using it (PyTorch operators are used instead)",
-                           name, folder if not target.exists() else target, problem)
+            logger.warning("native kernel %s: %s is %s; not using it (PyTorch operators are used instead)", name,
+                           checked, problem)
             return None
         with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}-") as scratch:
             output = Path(scratch) / target.name

@@ -15,7 +15,9 @@ the released architecture with random weights).
 
 Values: the kernel computes in float32 with double-precision statistics and rounds once, to bf16; PyTorch's bf16
 operators round after each step. Both are within bf16 rounding of the float64 value
-(``tests/blocks/test_norm_silu.py``).
+(``tests/blocks/test_norm_silu.py``). Non-finite inputs give unspecified finite or non-finite outputs (the C code
+is built with ``-ffinite-math-only``), where PyTorch's operators would give NaN: a decoder that overflows is not
+flagged by NaNs on this path.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
@@ -43,23 +46,27 @@ BLOCK_ROWS = 256
 
 MIN_NATIVE_ELEMENTS = 1 << 22
 """Maps with fewer elements per image (C * H * W) take the PyTorch operators: below about this size the calls'
-fixed cost outweighs the saved passes. On an Intel Xeon with AMX (benchmarks/bench_norm_silu.py) the kernel was
-0.73x / 0.94x / 1.03x of PyTorch's operators at ``[1, 1536, 16, 16]`` / ``[1, 768, 64, 64]`` / ``[1, 1536, 32,
-32]`` (0.4-3 M elements) and 1.10-1.56x from ``[1, 384, 128, 128]`` (6 M) to ``[1, 384, 512, 512]``."""
+fixed cost outweighs the saved passes. On an Intel Xeon with AMX (``benchmarks/bench_norm_silu.py``,
+``benchmarks/results/norm_silu.md``) the kernel was 0.70-1.04x of PyTorch's operators from ``[1, 1536, 16, 16]``
+to ``[1, 768, 64, 64]`` (0.4-3 M elements) and 1.12-1.84x from ``[1, 384, 128, 128]`` (6 M) to
+``[1, 384, 512, 512]``."""
 
 
 _lock = threading.RLock()  # guards _functions and _pools (re-entered: the self-check asks for a pool)
-_functions: dict | None = None  # the kernel's ctypes functions, published after the self-check ({}: unavailable)
+Functions = dict[str, Callable[..., None]]
+"""The kernel's ctypes functions by role (``"sums"``, ``"affine"``, ``"apply"``)."""
+
+_functions: Functions | None = None  # published after the self-check ({}: unavailable)
 _pools: dict[int, ThreadPoolExecutor] = {}  # thread count -> pool, never shut down while the process lives
 
 
-def _library_functions() -> dict:
+def _library_functions() -> Functions:
     """The kernel's ctypes functions, typed and self-checked against float64 PyTorch ({} if unavailable)."""
     global _functions
     with _lock:
         if _functions is not None:
             return _functions
-        functions = {}
+        functions: Functions = {}
         lib = _native.library("norm_silu")
         if lib is not None:
             p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -75,7 +82,7 @@ def _library_functions() -> dict:
         return _functions
 
 
-def _self_check(functions: dict) -> bool:
+def _self_check(functions: Functions) -> bool:
     """The kernel against float64 PyTorch on a small map (a miscompiled build is not used)."""
     generator = torch.Generator().manual_seed(0)
     norm = SpatialNorm(64, 8)
@@ -89,7 +96,7 @@ def _self_check(functions: dict) -> bool:
         y, b = (F.interpolate(conv(zq).double(), size=x.shape[-2:]) for conv in (norm.conv_y, norm.conv_b))
         gn = norm.norm_layer
         want = F.silu(F.group_norm(x.double(), 32, gn.weight.double(), gn.bias.double(), gn.eps) * y + b)
-        got = _native_norm_silu(norm, x, zq, functions)
+        got = _native_norm_silu(norm, x, zq, functions, check_hooks=False)
         # one rounding to bf16 away from the float64 value computed from the same bf16 maps
         if got is None or not torch.allclose(got.double(), want, rtol=2**-8, atol=1e-3):
             error = "no result" if got is None else f"max error {(got.double() - want).abs().max().item():.3g}"
@@ -120,10 +127,11 @@ def _threads() -> tuple[ThreadPoolExecutor, int]:
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[0, n)`` as ``parts`` consecutive ranges of near-equal length."""
     return [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
 
 
-def _run(pool: ThreadPoolExecutor, calls: list) -> None:
+def _run(pool: ThreadPoolExecutor, calls: list[Callable[[], None]]) -> None:
     """Run the calls on the pool's threads, the last one on this thread; always wait for all of them before
     returning or raising (they write and read the caller's tensors, which must outlive them)."""
     futures = [pool.submit(call) for call in calls[:-1]]
@@ -142,27 +150,30 @@ def _has_hooks(*modules: nn.Module) -> bool:
 
 
 def _mean_estimate(x2d: Tensor) -> Tensor:
-    """Each channel's mean over up to 256 rows spread evenly through ``x2d [rows, C]``, float32 (the shift of the
+    """Each channel's mean over at most 256 rows spread evenly through ``x2d [rows, C]``, float32 (the shift of the
     kernel's sums: close to the mean, so the shifted sums do not cancel)."""
-    step = max(1, x2d.shape[0] // BLOCK_ROWS)
+    step = -(-x2d.shape[0] // BLOCK_ROWS)
     return x2d[::step].float().mean(0).contiguous()
 
 
-def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: dict | None = None) -> Tensor | None:
-    """The kernel's bf16 ``silu(norm(x, zq))``, or ``None`` where it does not apply."""
+def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: Functions | None = None,
+                      check_hooks: bool = True) -> Tensor | None:
+    """The kernel's bf16 ``silu(norm(x, zq))``, or ``None`` where it does not apply (``functions``, ``check_hooks``:
+    for the self-check, which runs before the functions are published and whatever hooks the process has)."""
     functions = functions if functions is not None else (_functions if _functions else _library_functions())
     group_norm = norm.norm_layer
     if (not functions or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[0] == 0 or x.device.type != "cpu"
-            or not x.is_contiguous(memory_format=torch.channels_last) or not isinstance(group_norm, nn.GroupNorm)
-            or not group_norm.affine or group_norm.num_channels != x.shape[1] or zq.dim() != 4
-            or _has_hooks(norm, group_norm)):
+            or zq.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last)
+            or not isinstance(group_norm, nn.GroupNorm) or not group_norm.affine
+            or group_norm.weight.device.type != "cpu" or group_norm.num_channels != x.shape[1] or zq.dim() != 4
+            or (check_hooks and _has_hooks(norm, group_norm))):
         return None
     batch, channels, height, width = x.shape
     y, b = norm.conv_y(zq), norm.conv_b(zq)  # [B, C, h, w]: 1x1 convolutions on the small map
     h, w = y.shape[-2:]
     if height % h or width % w or y.shape[:2] != (batch, channels):
         return None
-    if y.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+    if y.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or y.device.type != "cpu" or b.device.type != "cpu":
         return None
     sh, sw = height // h, width // w
     y = y.contiguous(memory_format=torch.channels_last)  # [B, C, h, w] in [B, h, w, C] memory (already, usually)
@@ -170,12 +181,13 @@ def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: dict 
     sums, apply = functions["sums"], functions["apply"]
     gamma = group_norm.weight.detach().float().contiguous()
     beta = group_norm.bias.detach().float().contiguous()
-    out = torch.empty(x.shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    cpu = {"dtype": torch.float32, "device": "cpu"}  # explicit: the C code's buffers, whatever the process defaults
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device="cpu", memory_format=torch.channels_last)
     pool, threads = _threads()
     rows = height * width
     blocks = -(-rows // BLOCK_ROWS)
-    block_sums = torch.empty(blocks, 2 * channels)  # per block of rows: the same statistics for any thread count
-    scale, shift = torch.empty(channels), torch.empty(channels)
+    block_sums = torch.empty(blocks, 2 * channels, **cpu)  # per block of rows: the same statistics for any threads
+    scale, shift = torch.empty(channels, **cpu), torch.empty(channels, **cpu)
     block_ranges, height_ranges = _split(blocks, min(threads, blocks)), _split(height, min(threads, height))
     for image in range(batch):
         xi, oi = x[image], out[image]

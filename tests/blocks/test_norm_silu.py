@@ -29,8 +29,8 @@ def calls(monkeypatch):
     counter = {"native": 0}
     real = norm_silu._native_norm_silu
 
-    def spy(*args):
-        out = real(*args)
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
         counter["native"] += out is not None
         return out
 
@@ -176,9 +176,10 @@ def test_small_maps_take_the_plain_operators(calls):
 
 @needs_native
 def test_kernel_uses_the_thread_count(any_size, monkeypatch):
-    """One thread and three threads (more than the map's rows per split) give the same values."""
+    """One thread and three threads give the same values: the statistics are per block of 256 rows (9 blocks here,
+    split 9 / 3+3+3), added in block order."""
     norm = _norm(64)
-    x, zq = _inputs(2, 64, 8, 8, (2, 2))
+    x, zq = _inputs(2, 64, 48, 48, (4, 4))
     results = []
     for threads in (1, 3):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
@@ -190,7 +191,7 @@ def test_kernel_uses_the_thread_count(any_size, monkeypatch):
 @needs_native
 def test_a_failed_self_check_disables_the_kernel(monkeypatch, caplog):
     monkeypatch.setattr(norm_silu, "_functions", None)  # load again, with a kernel that returns wrong values
-    monkeypatch.setattr(norm_silu, "_native_norm_silu", lambda norm, x, *args: torch.zeros_like(x))
+    monkeypatch.setattr(norm_silu, "_native_norm_silu", lambda norm, x, *args, **kwargs: torch.zeros_like(x))
     with caplog.at_level("WARNING"):
         assert not norm_silu.native_available()
     assert "failed its self-check" in caplog.text
@@ -210,7 +211,7 @@ def test_unavailable_kernel_means_plain_operators(monkeypatch):
 
 
 @needs_native
-def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch):
+def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch, caplog):
     """The plan's choice reaches the decoder's blocks; the kernel changes no index and decodes within bf16 noise."""
     from dualvitok import inference
 
@@ -234,8 +235,10 @@ def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch):
     inference.use_kernels(on, native_norm=False)
     assert not on.inference_plan.native_norm and all(not m.native_norm for m in variants)
     monkeypatch.setattr(norm_silu, "native_available", lambda: False)  # e.g. rank 0's choice on a rank without it
-    inference.use_kernels(on, native_norm=True)
+    with caplog.at_level("WARNING"):
+        inference.use_kernels(on, native_norm=True)
     assert not on.inference_plan.native_norm and all(not m.native_norm for m in variants)
+    assert "unavailable in this process" in caplog.text
 
 
 def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatch):
@@ -251,6 +254,8 @@ def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatc
     assert told.inference_plan.native_norm and len(asked) == 1
     off = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", native_norm=False)
     assert not off.inference_plan.native_norm and len(asked) == 1
+    float32 = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", dtype=None, native_norm=True)
+    assert not float32.inference_plan.native_norm and len(asked) == 1  # a float32 decoder: the kernel never applies
     monkeypatch.setattr(norm_silu, "native_available", lambda: False)
     missing = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", native_norm=True)
     assert not missing.inference_plan.native_norm  # asked for, but there is no kernel: plain operators
@@ -324,3 +329,54 @@ def test_kernel_works_in_a_forked_child(any_size, monkeypatch):
             pass
         os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+@needs_native
+def test_more_fallbacks_and_layouts(any_size, calls):
+    """Modulation maps of another dtype or batch fall back; a contiguous zq is converted (the result is the same)."""
+    norm = _norm(64)
+    x, zq = _inputs(2, 64, 16, 16, (4, 4))
+    with torch.inference_mode():
+        want = norm_silu.norm_silu(norm, x, zq, native=True)
+        assert calls["native"] == 1
+        assert torch.equal(norm_silu.norm_silu(norm, x, zq.contiguous(), native=True), want)  # [B, C, h, w] zq
+        assert calls["native"] == 2
+        mixed = copy.deepcopy(norm)
+        mixed.conv_y.float(), mixed.conv_b.float()  # float32 modulation maps from a bf16 map
+        norm_silu.norm_silu(mixed, x, zq.float(), native=True)
+        norm_silu.norm_silu(norm, x, zq[:1], native=True)  # one conditioning map for two images: broadcast
+    assert calls["native"] == 2
+
+
+@needs_native
+def test_default_dtype_does_not_reach_the_kernels_buffers(any_size):
+    norm = _norm(64)
+    x, zq = _inputs(1, 64, 16, 16, (4, 4))
+    with torch.inference_mode():
+        want = norm_silu.norm_silu(norm, x, zq, native=True)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            got = norm_silu.norm_silu(norm, x, zq, native=True)
+        finally:
+            torch.set_default_dtype(previous)
+    assert torch.equal(got, want)
+
+
+@needs_native
+def test_a_global_hook_at_first_use_does_not_disable_the_kernel(monkeypatch, any_size, calls):
+    monkeypatch.setattr(norm_silu, "_functions", None)  # first use happens under the hook
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        assert norm_silu.native_available()
+        calls["native"] = 0  # (the self-check's own call)
+        norm = _norm(64)
+        x, zq = _inputs(1, 64, 16, 16, (4, 4))
+        with torch.inference_mode():
+            norm_silu.norm_silu(norm, x, zq, native=True)
+        assert calls["native"] == 0  # the hook must run: PyTorch's operators
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        norm_silu.norm_silu(norm, x, zq, native=True)
+    assert calls["native"] == 1  # the kernel, once the hook is gone
