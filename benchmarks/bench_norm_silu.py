@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit_report, machine, table  # noqa: E402
@@ -69,11 +68,7 @@ def main() -> None:
                                           args.rounds)
                 native = norm_silu.norm_silu(norm, x, zq, native=True).double()
                 plain = norm_silu.norm_silu(norm, x, zq, native=False).double()
-                y = F.interpolate(norm.conv_y(zq).double(), size=(side, side))
-                b = F.interpolate(norm.conv_b(zq).double(), size=(side, side))
-                gn = norm.norm_layer
-                want = F.silu(F.group_norm(x.double(), gn.num_groups, gn.weight.double(), gn.bias.double(),
-                                           gn.eps) * y + b)
+                want = norm_silu.float64_norm_silu(norm, x, zq)
             best = {k: min(v) for k, v in times.items()}
             median = {k: statistics.median(v) for k, v in times.items()}
             rows.append([f"{size}x{size}", f"[{args.batch}, {channels}, {side}, {side}]",

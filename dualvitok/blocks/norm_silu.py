@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -61,8 +62,11 @@ _pools: dict[int, ThreadPoolExecutor] = {}  # thread count -> pool, never shut d
 
 
 def _library_functions() -> Functions:
-    """The kernel's ctypes functions, typed and self-checked against float64 PyTorch ({} if unavailable)."""
+    """The kernel's ctypes functions, typed and self-checked against float64 PyTorch ({} if unavailable); loaded
+    once per process, then returned without taking the lock."""
     global _functions
+    if _functions is not None:
+        return _functions
     with _lock:
         if _functions is not None:
             return _functions
@@ -82,6 +86,16 @@ def _library_functions() -> Functions:
         return _functions
 
 
+def float64_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor) -> Tensor:
+    """``silu(GroupNorm(x) * y + b)`` in float64 from ``x`` as given, with the modulation maps ``y``, ``b`` of the
+    module's own 1x1 convolutions (in their dtype, as both paths compute them) resized nearest: the reference of the
+    self-check and of ``benchmarks/bench_norm_silu.py``. Shape: ``[B, C, H, W]``."""
+    with torch.no_grad():
+        y, b = (F.interpolate(conv(zq).double(), size=x.shape[-2:]) for conv in (norm.conv_y, norm.conv_b))
+        gn = norm.norm_layer
+        return F.silu(F.group_norm(x.double(), gn.num_groups, gn.weight.double(), gn.bias.double(), gn.eps) * y + b)
+
+
 def _self_check(functions: Functions) -> bool:
     """The kernel against float64 PyTorch on a small map (a miscompiled build is not used)."""
     generator = torch.Generator().manual_seed(0)
@@ -93,9 +107,7 @@ def _self_check(functions: Functions) -> bool:
         x = (torch.randn(2, 64, 8, 12, generator=generator) * 3 + 1).bfloat16()
         x = x.contiguous(memory_format=torch.channels_last)
         zq = torch.randn(2, 8, 2, 3, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
-        y, b = (F.interpolate(conv(zq).double(), size=x.shape[-2:]) for conv in (norm.conv_y, norm.conv_b))
-        gn = norm.norm_layer
-        want = F.silu(F.group_norm(x.double(), 32, gn.weight.double(), gn.bias.double(), gn.eps) * y + b)
+        want = float64_norm_silu(norm, x, zq)
         got = _native_norm_silu(norm, x, zq, functions, check_hooks=False)
         # one rounding to bf16 away from the float64 value computed from the same bf16 maps
         if got is None or not torch.allclose(got.double(), want, rtol=2**-8, atol=1e-3):
@@ -160,7 +172,7 @@ def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: Funct
                       check_hooks: bool = True) -> Tensor | None:
     """The kernel's bf16 ``silu(norm(x, zq))``, or ``None`` where it does not apply (``functions``, ``check_hooks``:
     for the self-check, which runs before the functions are published and whatever hooks the process has)."""
-    functions = functions if functions is not None else (_functions if _functions else _library_functions())
+    functions = functions if functions is not None else _library_functions()
     group_norm = norm.norm_layer
     if (not functions or x.dtype != torch.bfloat16 or x.dim() != 4 or x.shape[0] == 0 or x.device.type != "cpu"
             or zq.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last)
@@ -205,7 +217,7 @@ def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: Funct
 
 def native_available() -> bool:
     """Whether the native kernel is built, loaded and passed its self-check in this process."""
-    return bool(_functions if _functions is not None else _library_functions())
+    return bool(_library_functions())
 
 
 def norm_silu(norm: nn.Module, x: Tensor, zq: Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -229,8 +241,7 @@ def norm_silu(norm: nn.Module, x: Tensor, zq: Tensor | None = None, out_dtype: t
     """
     out_dtype = out_dtype or x.dtype
     if (native and isinstance(norm, SpatialNorm) and zq is not None and out_dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and x.dim() == 4 and x.shape[0] > 0
-            and x[0].numel() >= MIN_NATIVE_ELEMENTS and not is_tracing()):
+            and not torch.is_grad_enabled() and math.prod(x.shape[1:]) >= MIN_NATIVE_ELEMENTS and not is_tracing()):
         out = _native_norm_silu(norm, x, zq)
         if out is not None:
             return out
