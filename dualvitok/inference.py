@@ -52,13 +52,18 @@ and trim thresholds are raised so freed buffers are reused. That setting is **pr
 ``keep_freed_memory=False`` leaves the allocator alone, e.g. beside jemalloc or tcmalloc. It is the only
 process-wide setting a plan changes, and ``inference_plan.keep_freed_memory`` records whether it applied.
 
-**Never slower than float32.** bf16 pays only where the CPU has native bf16 matrix instructions and the stage is
-wide enough to use them. The rule (:func:`low_precision_reason`, checked per stage at preparation time, no
-measurement): on CPUs with AMX every stage may run in bf16 (the demo model, base width 32, is ~2x faster so); on
-x86 CPUs without AVX-512-BF16 or AMX bf16 is emulated and every stage stays float32; on other CPUs (AVX-512-BF16
-without AMX, e.g. AMD EPYC, and non-x86) a stage runs in bf16 only if its base channel width is at least
-:data:`MIN_BF16_WIDTH` (128): there the demo model (widths 32 and 64) ran 0.79x of float32 on the fast path while the
-released architecture (pixel decoder 384, tower 1280) ran 2.6x. Each stage left in float32 is logged with its reason.
+**Never slower than float32.** bf16 pays only where the CPU has native bf16 matrix instructions, the stage is
+wide enough to use them, and they are measured faster. The rule (:func:`low_precision_reason`, checked per stage at
+preparation time): on x86 CPUs without AVX-512-BF16 or AMX (or with oneDNN limited below them by
+``ONEDNN_MAX_CPU_ISA``) bf16 is emulated and every stage stays float32; on CPUs with AVX-512-BF16 but no AMX (e.g.
+AMD EPYC, or AMX hidden from oneDNN) and non-x86 ones a stage runs in bf16 only if its base channel width is at
+least :data:`MIN_BF16_WIDTH` (128): there the demo model (widths 32 and 64) ran 0.79x of float32 on the fast path
+while the released architecture (pixel decoder 384, tower 1280) ran 2.6x; with AMX every stage may (the demo model,
+base width 32, is ~2x faster so). In every case a one-time measurement
+(:func:`dualvitok.cpu.low_precision_speedup`: bf16 against float32 matrix products) must find bf16 at least
+:data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP` times faster, so CPUs whose flags promise more than their bf16
+kernels give keep float32 (an Intel Xeon with AMX limited to AVX-512-BF16 in oneDNN measured 0.58x). Each stage left
+in float32 is logged with its reason, and ``inference_plan.low_precision_speedup`` records the measurement.
 
 After this call the model can no longer be trained, and ``save_pretrained`` refuses it when a stage was converted
 (the weights are rounded): save before optimizing, or reload. ``benchmarks/bench_tokenizer.py`` measures the float32
@@ -68,7 +73,6 @@ path and the fast path side by side, with the quality guard (bf16 vs float32 rec
 from __future__ import annotations
 
 import logging
-import platform
 import warnings
 from dataclasses import dataclass, field
 
@@ -77,6 +81,7 @@ from torch import nn
 
 from .blocks import fused, norm_silu, packed
 from .blocks.inference import InferenceLinear, InferenceVariant, swap_inference_blocks
+from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,9 @@ class InferencePlan:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
+        low_precision_speedup: how many times faster ``dtype`` matrix products measured than float32 on this CPU
+            (:func:`dualvitok.cpu.low_precision_speedup`; CPU plan with a low-precision ``dtype`` only, else
+            ``None``).
         keep_freed_memory: this plan applied :func:`dualvitok.devices.keep_freed_cpu_memory` (CPU plan only; the
             C library accepted the settings). ``False`` does not mean glibc's defaults are in force: another plan or
             caller of this process may have applied them, and under a preloaded jemalloc/tcmalloc they do nothing.
@@ -122,6 +130,7 @@ class InferencePlan:
     native_norm: bool = False
     compiled: bool = False
     indices: str = "guarded"
+    low_precision_speedup: float | None = None
     keep_freed_memory: bool = False
 
     @property
@@ -178,31 +187,21 @@ def _pixel_branch_modules(model) -> list[nn.Module]:
             for part in (block.conv1, block.norm2, block.conv2)]
 
 
-def cpu_bf16_support() -> str:
-    """This CPU's bf16 matrix support: ``"amx"``, ``"avx512_bf16"``, ``"none"`` (x86 without either: emulated) or
-    ``"unknown"`` (not x86)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
-        return "unknown"
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        return "amx"
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return "avx512_bf16"
-    return "none"
-
-
 def low_precision_reason(width: int, device_type: str, dtype: torch.dtype) -> str | None:
     """``None`` if a stage of base channel width ``width`` should run in ``dtype`` on ``device_type``, else why it
     stays float32 (the rule of the module docstring)."""
     if device_type != "cpu":
         return None
     support = cpu_bf16_support()
-    if support == "amx":
-        return None
     if support == "none":
         return f"this CPU has no AVX-512-BF16 or AMX: {dtype} is emulated and slower than float32"
-    if width < MIN_BF16_WIDTH:
+    if support != "amx" and width < MIN_BF16_WIDTH:
         return (f"base width {width} < {MIN_BF16_WIDTH}: on CPUs without AMX {dtype} kernels are slower than "
                 "float32 at this width")
+    speedup = low_precision_speedup(dtype)
+    if speedup < MIN_LOW_PRECISION_SPEEDUP:
+        return (f"{dtype} matrix products measured {speedup:.2f}x the speed of float32 on this CPU (under "
+                f"{MIN_LOW_PRECISION_SPEEDUP}x; dualvitok.cpu.low_precision_speedup)")
     return None
 
 
@@ -287,18 +286,31 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
 
 def agree_on_kernels(model: nn.Module) -> None:
     """Under ``torchrun``: make every rank use rank 0's measured kernel choices (:data:`KERNEL_CHOICES`), so that
-    the same image gets the same tokens on any rank (the kernels round differently in bf16). A no-op in a single
-    process or on a model that is not prepared; every rank must call it (a collective)."""
+    the same image gets the same tokens on any rank (the kernels round differently in bf16). A rank whose stages
+    compute in other dtypes than rank 0's (another kind of CPU, or a bf16 measurement on the other side of
+    :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP`) cannot take them (its weights are rounded or would be slower):
+    it warns. A no-op in a single process or on a model that is not prepared; every rank must call it (a
+    collective)."""
     from ._utils.distributed import all_gather_json
 
     plan = getattr(model, "inference_plan", None)
     if plan is None:
         return
-    choices = all_gather_json({name: getattr(plan, name) for name in KERNEL_CHOICES})[0]
-    differ = {name: value for name, value in choices.items() if value != getattr(plan, name)}
+    rank0 = all_gather_json({"kernels": {name: getattr(plan, name) for name in KERNEL_CHOICES},
+                             "stage_dtypes": plan.stage_dtypes})[0]
+    differ = {name: value for name, value in rank0["kernels"].items() if value != getattr(plan, name)}
     if differ:
         logger.info("using rank 0's kernel choices %s", differ)
         use_kernels(model, **differ)
+    stages = {name: (dtype, rank0["stage_dtypes"].get(name)) for name, dtype in plan.stage_dtypes.items()
+              if dtype != rank0["stage_dtypes"].get(name)}
+    if stages:
+        logger.warning("this rank computes %s where rank 0 computes %s (%s): the same image can get other tokens "
+                       "here than on rank 0. Run every rank on one kind of CPU, or use float32 stages everywhere "
+                       "(--dtype float32)", ", ".join(f"{n} in {d}" for n, (d, _) in stages.items()),
+                       ", ".join(f"{n} in {d0}" for n, (_, d0) in stages.items()),
+                       "; ".join(f"{n}: {plan.kept_float32[n]}" for n in stages if n in plan.kept_float32)
+                       or "rank 0 keeps them float32")
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
@@ -355,8 +367,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
 
         plan.keep_freed_memory = bool(keep_freed_cpu_memory())
     exact = indices == "exact"
+    low_precision = dtype is not None and dtype != torch.float32
+    if device_type == "cpu" and low_precision and cpu_bf16_support() != "none":  # the rule's measured input
+        plan.low_precision_speedup = low_precision_speedup(dtype)
     for stage in _stages(model):
-        if dtype is None or dtype == torch.float32:
+        if not low_precision:
             reason = "dtype=None" if dtype is None else "dtype=float32"
         elif stage.decides_indices and indices != "fast":
             reason = f"indices={indices!r}"
@@ -372,7 +387,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                     if isinstance(conv, nn.Conv2d):
                         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
             stage.entry.register_forward_pre_hook(_to_channels_last)  # after the dtype cast of install_stage_casts
-    if indices == "guarded" and dtype is not None and dtype != torch.float32:
+    if indices == "guarded" and low_precision:
         # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
         _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype,
                  low_precision_reason(model.config.pixel_encoder.ch, device_type, dtype))
@@ -412,8 +427,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                f"{'on' if plan.pack_linear else 'off'}, native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
                f"freed buffers kept for reuse (process-wide) "
                f"{'on' if plan.keep_freed_memory else 'off'}" if device_type == "cpu" else "")
+    measured = (f", {str(dtype).removeprefix('torch.')} matrix products {plan.low_precision_speedup:.1f}x float32"
+                if plan.low_precision_speedup is not None else "")
     logger.info("optimize_for_inference (%s plan%s): %s; float32: %s%s", device_type,
-                f", CPU bf16 support: {cpu_bf16_support()}" if device_type == "cpu" else "",
+                f", CPU bf16 support: {cpu_bf16_support()}{measured}" if device_type == "cpu" else "",
                 ", ".join(converted) or "no stage converted",
                 "; ".join(f"{n} ({r})" for n, r in plan.kept_float32.items()) or "none", kernels)
     return model

@@ -170,3 +170,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{name} set: {path}")
     for name, why in _MISSING_SETS.items():
         terminalreporter.write_line(f"{name} set MISSING: {why}", yellow=True)
+
+
+@pytest.fixture
+def cpu_like(monkeypatch):
+    """``cpu_like(support="amx", speedup=6.0)``: make the fast path's CPU rule (:mod:`dualvitok.inference`) see a CPU
+    with that bf16 support (:func:`dualvitok.cpu.cpu_bf16_support`) and that measured bf16 speedup
+    (:func:`dualvitok.cpu.low_precision_speedup`), whatever this machine's CPU."""
+    from dualvitok import inference
+
+    def set_cpu(support: str = "amx", speedup: float = 6.0) -> None:
+        monkeypatch.setattr(inference, "cpu_bf16_support", lambda: support)
+        monkeypatch.setattr(inference, "low_precision_speedup", lambda dtype: speedup)
+
+    return set_cpu

@@ -16,10 +16,12 @@ from dualvitok.blocks import fused
 from dualvitok.blocks.inference import InferenceVariant
 
 
-def _optimized(model, support: str = "amx", **kwargs):
-    """A fast copy of ``model`` as prepared on a CPU with the given bf16 support (the rule's input)."""
+def _optimized(model, support: str = "amx", speedup: float = 6.0, **kwargs):
+    """A fast copy of ``model`` as prepared on a CPU with the given bf16 support and measured bf16 speedup (the
+    rule's inputs)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inference, "cpu_bf16_support", lambda: support)
+        mp.setattr(inference, "low_precision_speedup", lambda dtype: speedup)
         return copy.deepcopy(model).optimize_for_inference(**kwargs)
 
 
@@ -249,7 +251,30 @@ def test_small_models_stay_float32_without_amx(tiny_model, caplog, support, expe
         assert all(isinstance(m, InferenceVariant) for m in (fast.pixel_decoder,))  # variants still swapped in
 
 
-def test_released_architecture_uses_bf16_on_avx512_bf16():
+@pytest.mark.parametrize("support", ["amx", "avx512_bf16", "unknown"])
+def test_bf16_measured_slower_keeps_every_stage_float32(support, caplog):
+    """The flags alone do not convert: where bf16 products measure under MIN_LOW_PRECISION_SPEEDUP (e.g. AMX hidden
+    from oneDNN), even the released architecture's wide stages stay float32, with the measurement as the reason."""
+    meta = create_model("dualvitok_anyres_max512", device="meta")
+    slow = inference.MIN_LOW_PRECISION_SPEEDUP * 0.9
+    with caplog.at_level(logging.INFO, logger="dualvitok.inference"):
+        plan = _optimized(meta, support=support, speedup=slow, device="cpu").inference_plan
+    assert not plan.low_precision and set(plan.stage_dtypes.values()) == {"float32"}
+    assert plan.low_precision_speedup == slow
+    assert plan.kept_float32["pixel decoder"].startswith(f"torch.bfloat16 matrix products measured {slow:.2f}x")
+    assert f"matrix products {slow:.1f}x float32" in caplog.text
+    fast = _optimized(meta, support=support, speedup=inference.MIN_LOW_PRECISION_SPEEDUP, device="cpu")
+    assert fast.inference_plan.stage_dtypes["pixel decoder"] == "bfloat16"  # at the threshold: converted
+
+
+def test_low_precision_speedup_is_recorded_only_for_cpu_low_precision_plans(tiny_model):
+    assert _optimized(tiny_model, speedup=4.0, device="cpu").inference_plan.low_precision_speedup == 4.0
+    assert _optimized(tiny_model, speedup=4.0, device="cpu", dtype=None).inference_plan.low_precision_speedup is None
+    assert _optimized(tiny_model, speedup=4.0, device="cuda").inference_plan.low_precision_speedup is None
+    assert _optimized(tiny_model, support="none", device="cpu").inference_plan.low_precision_speedup is None
+
+
+def test_released_architecture_uses_bf16_on_avx512_bf16(cpu_like):
     """The wide stages of the released architecture clear the width rule on CPUs without AMX."""
     meta = create_model("dualvitok_anyres_max512", device="meta")
     plan = _optimized(meta, support="avx512_bf16", device="cpu").inference_plan
@@ -258,7 +283,9 @@ def test_released_architecture_uses_bf16_on_avx512_bf16():
                                  inference.PIXEL_BRANCHES: "bfloat16"}  # pixel encoder width 128: wide enough
     assert plan.kept_float32 == {"semantic head": "indices='guarded'", "pixel encoder": "indices='guarded'"}
     rule = inference.low_precision_reason
-    assert rule(inference.MIN_BF16_WIDTH, "cpu", torch.bfloat16) is None or inference.cpu_bf16_support() == "none"
+    cpu_like("avx512_bf16")
+    assert rule(inference.MIN_BF16_WIDTH, "cpu", torch.bfloat16) is None
+    assert "base width" in rule(inference.MIN_BF16_WIDTH - 1, "cpu", torch.bfloat16)
     assert rule(8, "cuda", torch.bfloat16) is None
 
 
@@ -304,27 +331,49 @@ def test_cpu_fusion_follows_the_measured_choice(tiny_model, monkeypatch, measure
     assert not forced.inference_plan.fuse_conv and len(asked) == 1  # told: not measured
 
 
-def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch):
+def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu_like):
     """Under torchrun each rank measures its kernels once; encode and evaluate make every rank use rank 0's
     choices (inference.agree_on_kernels)."""
     from dualvitok._utils import distributed
     from dualvitok.blocks import norm_silu, packed
     from dualvitok.blocks.inference import InferenceLinear
 
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")  # bf16 stages whatever this CPU
+    cpu_like("amx")  # bf16 stages whatever this CPU
     monkeypatch.setattr(norm_silu, "native_available", lambda: True)
     model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True,
                                                              native_norm=True)
     gathered = []
-    rank0 = {"fuse_conv": False, "pack_linear": False, "native_norm": False}  # rank 0 measured the plain operators
+    rank0 = {"kernels": {"fuse_conv": False, "pack_linear": False, "native_norm": False},  # the plain operators
+             "stage_dtypes": dict(model.inference_plan.stage_dtypes)}
     monkeypatch.setattr(distributed, "all_gather_json", lambda obj: gathered.append(obj) or [rank0, obj])
     inference.agree_on_kernels(model)
-    assert gathered == [{"fuse_conv": True, "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
-                         "native_norm": True}]
+    assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True,
+                                     "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))},
+                         "stage_dtypes": model.inference_plan.stage_dtypes}]
     assert not (model.inference_plan.fuse_conv or model.inference_plan.pack_linear or model.inference_plan.native_norm)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
     assert variants and not any(m.fuse_conv or m.pack_linear or m.native_norm for m in variants)
     assert any(isinstance(m, InferenceLinear) for m in variants)
+
+
+def test_a_rank_with_other_stage_dtypes_than_rank_0_warns(tiny_model, monkeypatch, caplog):
+    """Stage dtypes cannot be taken from rank 0 (the weights are rounded, or bf16 would be slower here): the rank
+    says which stages differ and why, and what gives every rank the same tokens."""
+    from dualvitok._utils import distributed
+
+    here = _optimized(tiny_model, support="avx512_bf16", device="cpu")  # width 32: float32 without AMX
+    rank0 = {"kernels": {name: getattr(here.inference_plan, name) for name in inference.KERNEL_CHOICES},
+             "stage_dtypes": dict(_optimized(tiny_model, device="cpu").inference_plan.stage_dtypes)}  # AMX: bf16
+    monkeypatch.setattr(distributed, "all_gather_json", lambda obj: [rank0, obj])
+    with caplog.at_level(logging.WARNING, logger="dualvitok.inference"):
+        inference.agree_on_kernels(here)
+    assert "pixel decoder in float32" in caplog.text and "pixel decoder in bfloat16" in caplog.text
+    assert "base width 32" in caplog.text and "--dtype float32" in caplog.text
+    caplog.clear()
+    rank0["stage_dtypes"] = dict(here.inference_plan.stage_dtypes)
+    with caplog.at_level(logging.WARNING, logger="dualvitok.inference"):
+        inference.agree_on_kernels(here)
+    assert not caplog.text  # the same stage dtypes: nothing to say
 
 
 def test_agreeing_alone_changes_nothing(tiny_model):

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .._utils.timing import interleaved_best
+from .._utils.timing import measure_choice
 
 logger = logging.getLogger(__name__)
 
@@ -141,13 +141,10 @@ def fused_conv_add_pays(channels: int, dtype: torch.dtype, size: int = 96, round
         _fusion_choices[key] = False
         return False
     with torch.inference_mode():
-        best = interleaved_best({"fused": lambda: conv2d_add(conv, x, residual, inplace=True),
-                                 "plain": lambda: residual.add_(conv(x))}, rounds)
-    if _kind(x, residual, True) in _refused:  # the operator failed (conv2d_add logged why): it ran the plain ones
-        _fusion_choices[key] = False
-        return False
-    choice = best["fused"] <= (1 + tolerance) * best["plain"]
+        measured = measure_choice(f"fused convolution + addition ({dtype}, {channels} channels)",
+                                  ("fused", lambda: conv2d_add(conv, x, residual, inplace=True)),
+                                  ("separate", lambda: residual.add_(conv(x))), rounds, 1 / (1 + tolerance), logger)
+    # the operator failed (conv2d_add logged why and ran the plain ones): not fused
+    choice = measured.chosen and _kind(x, residual, True) not in _refused
     _fusion_choices[key] = choice
-    logger.info("fused convolution + addition (%s, %d channels): %.2f ms fused vs %.2f ms separate: %s", dtype,
-                channels, best["fused"] * 1e3, best["plain"] * 1e3, "fused" if choice else "separate operators")
     return choice

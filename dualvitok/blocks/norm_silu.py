@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _native
-from .._utils.timing import interleaved_best
+from .._utils.timing import measure_choice
 from ..validation import is_tracing
 from .norm import SpatialNorm, apply_norm
 
@@ -269,10 +269,9 @@ def native_norm_silu_pays(channels: int, dtype: torch.dtype, size: int = 256, ro
     x = torch.randn(1, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     zq = torch.randn(1, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        best = interleaved_best({"native": lambda: norm_silu(norm, x, zq, native=True),
-                                 "plain": lambda: norm_silu(norm, x, zq, native=False)}, rounds)
-    choice = best["native"] < best["plain"]
+        choice = measure_choice(f"native GroupNorm + SiLU ({dtype}, {channels} channels)",
+                                ("native", lambda: norm_silu(norm, x, zq, native=True)),
+                                ("PyTorch operators", lambda: norm_silu(norm, x, zq, native=False)), rounds,
+                                log=logger).chosen
     _choices[key] = choice
-    logger.info("native GroupNorm + SiLU (%s, %d channels): %.2f ms native vs %.2f ms PyTorch operators: %s", dtype,
-                channels, best["native"] * 1e3, best["plain"] * 1e3, "native" if choice else "PyTorch operators")
     return choice

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils.timing import interleaved_best
+from .._utils.timing import measure_choice
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,10 @@ def packed_linear_pays(width: int, dtype: torch.dtype, tokens: int = 324, rounds
         try:
             with torch.inference_mode():
                 packed = pack_weight(weight, tokens)
-                best = interleaved_best({"packed": lambda: packed_linear(x, packed, bias),
-                                         "plain": lambda: F.linear(x, weight, bias)}, rounds)
-            choice = best["packed"] <= (1 + tolerance) * best["plain"]
-            logger.info("prepacked linear weights (%s, %d -> %d, %d tokens): %.2f ms packed vs %.2f ms plain: %s",
-                        dtype, width, 4 * width, tokens, best["packed"] * 1e3, best["plain"] * 1e3,
-                        "packed" if choice else "plain")
+                what = f"prepacked linear weights ({dtype}, {width} -> {4 * width}, {tokens} tokens)"
+                choice = measure_choice(what, ("packed", lambda: packed_linear(x, packed, bias)),
+                                        ("plain", lambda: F.linear(x, weight, bias)), rounds, 1 / (1 + tolerance),
+                                        logger).chosen
         except RuntimeError as err:  # an unsupported build or ISA: plain F.linear
             logger.warning("prepacked linear weights unavailable (%s); using F.linear", err)
     _choices[key] = choice

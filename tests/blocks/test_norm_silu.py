@@ -211,11 +211,11 @@ def test_unavailable_kernel_means_plain_operators(monkeypatch):
 
 
 @needs_native
-def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch, caplog):
+def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch, caplog, cpu_like):
     """The plan's choice reaches the decoder's blocks; the kernel changes no index and decodes within bf16 noise."""
     from dualvitok import inference
 
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    cpu_like("amx")
     on = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", native_norm=True)
     off = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", native_norm=False)
     assert on.inference_plan.native_norm and not off.inference_plan.native_norm
@@ -241,10 +241,9 @@ def test_fast_decoder_with_the_kernel(tiny_model, any_size, calls, monkeypatch, 
     assert "unavailable in this process" in caplog.text
 
 
-def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatch):
-    from dualvitok import inference
+def test_plan_measures_the_kernel_once_and_obeys_the_flag(tiny_model, monkeypatch, cpu_like):
 
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    cpu_like("amx")
     monkeypatch.setattr(norm_silu, "native_available", lambda: True)
     asked = []
     monkeypatch.setattr(norm_silu, "native_norm_silu_pays", lambda ch, dtype: asked.append((ch, dtype)) or False)

@@ -139,11 +139,11 @@ def test_packing_is_refused_where_onednn_is_off(monkeypatch):
 
 
 @pytest.mark.parametrize("measured", [True, False])
-def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, caplog, measured):
+def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, caplog, measured, cpu_like):
     """The CPU plan measures once at the tower's width and dtype unless told, and logs it; the variants follow the
     plan."""
     asked = []
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    cpu_like("amx")
     monkeypatch.setattr(packed, "can_pack", lambda weight: weight.dtype == torch.bfloat16)
     monkeypatch.setattr(packed, "packed_linear_pays", lambda width, dtype: asked.append((width, dtype)) or measured)
     with caplog.at_level(logging.INFO, logger="dualvitok.inference"):
@@ -160,8 +160,8 @@ def test_cpu_plan_follows_the_measured_packing_choice(tiny_model, monkeypatch, c
     assert not exact32.inference_plan.pack_linear and len(asked) == 1  # float32 tower: nothing to pack
 
 
-def test_use_kernels_switches_the_variants(tiny_model, monkeypatch):
-    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+def test_use_kernels_switches_the_variants(tiny_model, monkeypatch, cpu_like):
+    cpu_like("amx")
     fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", pack_linear=True, fuse_conv=True)
     with torch.inference_mode():
         fast.encode(torch.rand(1, 3, 64, 64) * 2 - 1)

@@ -1,0 +1,90 @@
+"""What low precision is worth on this CPU: the bf16 instructions it has, oneDNN's ISA limit, and a measured speedup.
+
+The fast path (:mod:`dualvitok.inference`) converts a stage to bf16 on CPU only where that is faster than float32.
+Two inputs decide it:
+
+* :func:`cpu_bf16_support`, from the CPU's flags (``torch.cpu``): AMX, AVX-512-BF16, neither, or not x86. oneDNN,
+  which runs PyTorch's bf16 matrix products and convolutions on CPU, can be told to use less than the CPU has
+  (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``, read by oneDNN once at its first use; values from oneDNN's
+  ``dnnl_cpu_isa_t``); such a limit is honoured, so a CPU with AMX limited to ``AVX512_CORE_BF16`` is treated as one
+  without AMX.
+* :func:`low_precision_speedup`, a one-time measurement (about 20 ms where bf16 is fast): a ``512 x 1024 x 1024``
+  matrix product in the low-precision dtype against float32, interleaved, best of 5. Stages stay float32 where it
+  is under :data:`MIN_LOW_PRECISION_SPEEDUP`. The flags alone do not say what bf16 costs: on an Intel Xeon with AMX
+  whose oneDNN was limited to AVX-512-BF16, bf16 products ran at 0.58x of float32 (196 against 340 GFLOP/s, 2
+  threads), and float16 on a CPU without AMX-FP16 runs at about float32's speed; with AMX bf16 runs about 6x faster,
+  and on an AMD EPYC with AVX-512-BF16 about 4x (bf16 peak ~1,000 against ~236 GFLOP/s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+
+import torch
+
+from ._utils.timing import MeasuredChoice, measure_choice
+
+logger = logging.getLogger(__name__)
+
+MIN_LOW_PRECISION_SPEEDUP = 1.5
+"""A stage runs in bf16 on CPU only where bf16 matrix products measure at least this many times faster than float32
+(:func:`low_precision_speedup`): below it the casts and the element-wise work a bf16 stage keeps leave too little."""
+
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                       "AVX512_CORE_VNNI"})
+_ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16",
+                                                     "AVX10_2_512"}
+
+
+def onednn_isa_limit() -> str | None:
+    """oneDNN's CPU ISA limit from the environment (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``), upper-cased;
+    ``None`` where unset."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip() else None
+
+
+def cpu_bf16_support() -> str:
+    """This CPU's bf16 matrix support as oneDNN may use it: ``"amx"``, ``"avx512_bf16"``, ``"none"`` (x86 without
+    either, or oneDNN limited below AVX-512-BF16: emulated) or ``"unknown"`` (not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return "unknown"
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        support = "amx"
+    elif getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        support = "avx512_bf16"
+    else:
+        return "none"
+    limit = onednn_isa_limit()
+    if limit in _ONEDNN_ISAS_WITHOUT_BF16:
+        return "none"
+    if limit in _ONEDNN_ISAS_WITHOUT_AMX:
+        return "avx512_bf16"
+    return support
+
+
+_speedups: dict[tuple, MeasuredChoice | None] = {}  # (dtype, threads, support, oneDNN limit) -> measured, per process
+
+
+def low_precision_speedup(dtype: torch.dtype, rounds: int = 5) -> float:
+    """How many times faster a matrix product runs in ``dtype`` than in float32 on this CPU (best of ``rounds``,
+    interleaved, after a warm-up): measured once per process for each dtype and thread count; ``0.0`` where
+    ``dtype`` products fail here."""
+    key = (dtype, torch.get_num_threads(), cpu_bf16_support(), onednn_isa_limit())
+    if key not in _speedups:
+        generator = torch.Generator().manual_seed(0)
+        a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
+        low_a, low_b = a.to(dtype), b.to(dtype)
+        try:
+            with torch.inference_mode():
+                _speedups[key] = measure_choice(
+                    f"{str(dtype).removeprefix('torch.')} matrix products (512 x 1024 x 1024, "
+                    f"{torch.get_num_threads()} threads; kept if >= {MIN_LOW_PRECISION_SPEEDUP}x)",
+                    (str(dtype).removeprefix("torch."), lambda: torch.mm(low_a, low_b)),
+                    ("float32", lambda: torch.mm(a, b)), rounds, MIN_LOW_PRECISION_SPEEDUP, logger)
+        except RuntimeError as err:  # a dtype without CPU kernels in this build
+            logger.warning("%s matrix products failed on this CPU (%s); stages stay float32", dtype, err)
+            _speedups[key] = None
+    measured = _speedups[key]
+    return measured.speedup if measured is not None else 0.0

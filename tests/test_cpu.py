@@ -1,0 +1,90 @@
+"""This CPU's low-precision support: the flags, oneDNN's ISA limit, the measured speedup."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dualvitok import cpu
+
+
+@pytest.fixture
+def x86_with(monkeypatch):
+    """``x86_with(amx, avx512_bf16)``: the CPU flags torch reports, on an x86 machine."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+    def flags(amx: bool, avx512_bf16: bool) -> None:
+        monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+
+    return flags
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, True, "amx"), (False, True, "avx512_bf16"),
+                                                     (False, False, "none")])
+def test_support_from_the_flags(x86_with, amx, avx512_bf16, want):
+    x86_with(amx, avx512_bf16)
+    assert cpu.cpu_bf16_support() == want
+
+
+def test_not_x86_is_unknown(monkeypatch):
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert cpu.cpu_bf16_support() == "unknown"
+
+
+@pytest.mark.parametrize("limit, want", [("avx512_core_bf16", "avx512_bf16"), ("AVX10_1_512", "avx512_bf16"),
+                                         ("AVX2", "none"), ("avx512_core_vnni", "none"),
+                                         ("AVX512_CORE_AMX", "amx"), ("ALL", "amx"), ("DEFAULT", "amx"),
+                                         (" ", "amx")])
+def test_onednn_limit_is_honoured(x86_with, monkeypatch, limit, want):
+    """A CPU with AMX whose oneDNN is limited below AMX (or below AVX-512-BF16) is treated as such."""
+    x86_with(True, True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert cpu.cpu_bf16_support() == want
+
+
+def test_onednn_limit_never_adds_support(x86_with, monkeypatch):
+    x86_with(False, True)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_AMX")  # the older spelling; the CPU has no AMX
+    assert cpu.onednn_isa_limit() == "AVX512_CORE_AMX"
+    assert cpu.cpu_bf16_support() == "avx512_bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the new spelling wins over the old one
+    assert cpu.cpu_bf16_support() == "none"
+
+
+def test_speedup_is_measured_once_and_compares_the_two_dtypes(monkeypatch):
+    """A dtype whose products are made far slower measures far under 1x; measured once per key."""
+    monkeypatch.setattr(cpu, "_speedups", {})
+    real_mm, calls = torch.mm, []
+
+    def mm(a, b):
+        if a.dtype == torch.bfloat16:
+            calls.append(1)
+            time.sleep(0.02)  # far slower than a 512 x 1024 x 1024 product in either dtype
+        return real_mm(a, b)
+
+    monkeypatch.setattr(cpu.torch, "mm", mm)
+    slow = cpu.low_precision_speedup(torch.bfloat16)
+    assert 0 < slow < 1 and len(calls) == 6  # warm-up + 5 rounds
+    assert cpu.low_precision_speedup(torch.bfloat16) == slow and len(calls) == 6  # cached
+    monkeypatch.setattr(cpu.torch, "mm", real_mm)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another key: measured again
+    assert cpu.low_precision_speedup(torch.bfloat16) > slow
+
+
+def test_failing_dtype_measures_zero(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_speedups", {})
+
+    def mm(a, b):
+        if a.dtype == torch.float16:
+            raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        return a @ b
+
+    monkeypatch.setattr(cpu.torch, "mm", mm)
+    with caplog.at_level("WARNING"):
+        assert cpu.low_precision_speedup(torch.float16) == 0.0
+    assert "stages stay float32" in caplog.text
