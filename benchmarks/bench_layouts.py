@@ -39,7 +39,7 @@ from dualvitok.blocks import (
     space_to_channel,
     space_to_channel_average,
 )
-from dualvitok.inference import cpu_bf16_support
+from dualvitok.cpu import cpu_bf16_support
 from dualvitok.loading import load_model
 
 

@@ -28,7 +28,7 @@ from dualvitok import ImageProcessor
 from dualvitok._utils.timing import interleaved_times
 from dualvitok.assets import sample_images
 from dualvitok.blocks import packed
-from dualvitok.inference import cpu_bf16_support
+from dualvitok.cpu import cpu_bf16_support
 from dualvitok.loading import load_model
 
 SHAPES = {"qkv": (1280, 3840), "proj": (1280, 1280), "fc1": (1280, 5120), "fc2": (5120, 1280)}

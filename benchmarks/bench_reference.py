@@ -193,7 +193,7 @@ def make_weights(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- orchestration
 def _bf16_support() -> str:
     sys.path.insert(0, str(HERE.parent))
-    from dualvitok.inference import cpu_bf16_support
+    from dualvitok.cpu import cpu_bf16_support
 
     return cpu_bf16_support()
 

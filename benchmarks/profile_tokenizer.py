@@ -27,7 +27,8 @@ from _common import gemm_peak, machine, table
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from dualvitok.inference import PIXEL_BRANCHES, _stages, cpu_bf16_support
+from dualvitok.cpu import cpu_bf16_support
+from dualvitok.inference import PIXEL_BRANCHES, _stages
 from dualvitok.loading import load_model
 
 

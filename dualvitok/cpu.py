@@ -8,12 +8,16 @@ Two inputs decide it:
   (``ONEDNN_MAX_CPU_ISA`` / ``DNNL_MAX_CPU_ISA``, read by oneDNN once at its first use; values from oneDNN's
   ``dnnl_cpu_isa_t``); such a limit is honoured, so a CPU with AMX limited to ``AVX512_CORE_BF16`` is treated as one
   without AMX.
-* :func:`low_precision_speedup`, a one-time measurement (about 20 ms where bf16 is fast): a ``512 x 1024 x 1024``
-  matrix product in the low-precision dtype against float32, interleaved, best of 5. Stages stay float32 where it
-  is under :data:`MIN_LOW_PRECISION_SPEEDUP`. The flags alone do not say what bf16 costs: on an Intel Xeon with AMX
-  whose oneDNN was limited to AVX-512-BF16, bf16 products ran at 0.58x of float32 (196 against 340 GFLOP/s, 2
-  threads), and float16 on a CPU without AMX-FP16 runs at about float32's speed; with AMX bf16 runs about 6x faster,
-  and on an AMD EPYC with AVX-512-BF16 about 4x (bf16 peak ~1,000 against ~236 GFLOP/s).
+* :func:`low_precision_speedup`, a one-time measurement (about 20-60 ms where bf16 is fast; a small probe ends it
+  early where bf16 is emulated): a ``512 x 1024 x 1024`` matrix product in the low-precision dtype against float32,
+  interleaved, best of 5. Stages stay float32 where it is under :data:`MIN_LOW_PRECISION_SPEEDUP`. The flags alone
+  do not say what bf16 costs: on an Intel Xeon with AMX whose oneDNN was limited to AVX-512-BF16, bf16 products ran
+  at 0.58-0.65x of float32 (in two runs; 196 against 340 GFLOP/s at 2048 x 2048, 2 threads), and float16 on a CPU
+  without AMX-FP16 runs at about float32's speed; with AMX bf16 runs about 6x faster, and on an AMD EPYC with
+  AVX-512-BF16 about 4x (bf16 GEMM peak ~1,000 against ~236 GFLOP/s).
+* Under ``torchrun``, :func:`dualvitok.inference.agree_on_low_precision` gives every rank rank 0's measurement
+  (:func:`use_low_precision_speedup`) before the stages are converted, so ranks on one kind of CPU convert the same
+  stages even where the speedup is near the threshold.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 
 import torch
 
-from ._utils.timing import MeasuredChoice, measure_choice
+from ._utils.timing import measure_choice
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ MIN_LOW_PRECISION_SPEEDUP = 1.5
 """A stage runs in bf16 on CPU only where bf16 matrix products measure at least this many times faster than float32
 (:func:`low_precision_speedup`): below it the casts and the element-wise work a bf16 stage keeps leave too little."""
 
+# AVX2_VNNI_2 converts to and from bf16 but has no bf16 dot products: counted as without (conservative)
 _ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                                        "AVX512_CORE_VNNI"})
 _ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16",
@@ -39,10 +45,11 @@ _ONEDNN_ISAS_WITHOUT_AMX = _ONEDNN_ISAS_WITHOUT_BF16 | {"AVX512_CORE_BF16", "AVX
 
 
 def onednn_isa_limit() -> str | None:
-    """oneDNN's CPU ISA limit from the environment (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``), upper-cased;
-    ``None`` where unset."""
+    """oneDNN's CPU ISA limit from the environment (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``; an empty
+    value counts as unset, as in oneDNN), upper-cased; ``None`` where unset. oneDNN reads it once, at its first use
+    in the process: set it before, as this reads it on every call."""
     value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return value.strip().upper() if value and value.strip() else None
+    return value.upper() if value else None
 
 
 def cpu_bf16_support() -> str:
@@ -64,27 +71,48 @@ def cpu_bf16_support() -> str:
     return support
 
 
-_speedups: dict[tuple, MeasuredChoice | None] = {}  # (dtype, threads, support, oneDNN limit) -> measured, per process
+_speedups: dict[tuple, float] = {}  # (dtype, threads, support, oneDNN limit) -> measured speedup, per process
+_lock = threading.Lock()  # one measurement at a time: two at once would share the cores and both read slow
+
+
+def _key(dtype: torch.dtype) -> tuple:
+    return (dtype, torch.get_num_threads(), cpu_bf16_support(), onednn_isa_limit())
+
+
+def _time_products(dtype: torch.dtype, rows: int, inner: int, rounds: int, what: str) -> float:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, inner, generator=generator), torch.randn(inner, inner, generator=generator)
+    low_a, low_b = a.to(dtype), b.to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with torch.inference_mode():
+        return measure_choice(f"{name} matrix products ({what}, {rows} x {inner} x {inner}, {torch.get_num_threads()} "
+                              f"threads; bf16 stages need >= {MIN_LOW_PRECISION_SPEEDUP}x)",
+                              (name, lambda: torch.mm(low_a, low_b)), ("float32", lambda: torch.mm(a, b)), rounds,
+                              MIN_LOW_PRECISION_SPEEDUP, logger).speedup
 
 
 def low_precision_speedup(dtype: torch.dtype, rounds: int = 5) -> float:
-    """How many times faster a matrix product runs in ``dtype`` than in float32 on this CPU (best of ``rounds``,
-    interleaved, after a warm-up): measured once per process for each dtype and thread count; ``0.0`` where
-    ``dtype`` products fail here."""
-    key = (dtype, torch.get_num_threads(), cpu_bf16_support(), onednn_isa_limit())
-    if key not in _speedups:
-        generator = torch.Generator().manual_seed(0)
-        a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
-        low_a, low_b = a.to(dtype), b.to(dtype)
-        try:
-            with torch.inference_mode():
-                _speedups[key] = measure_choice(
-                    f"{str(dtype).removeprefix('torch.')} matrix products (512 x 1024 x 1024, "
-                    f"{torch.get_num_threads()} threads; kept if >= {MIN_LOW_PRECISION_SPEEDUP}x)",
-                    (str(dtype).removeprefix("torch."), lambda: torch.mm(low_a, low_b)),
-                    ("float32", lambda: torch.mm(a, b)), rounds, MIN_LOW_PRECISION_SPEEDUP, logger)
-        except RuntimeError as err:  # a dtype without CPU kernels in this build
-            logger.warning("%s matrix products failed on this CPU (%s); stages stay float32", dtype, err)
-            _speedups[key] = None
-    measured = _speedups[key]
-    return measured.speedup if measured is not None else 0.0
+    """How many times faster a matrix product runs in ``dtype`` than in float32 on this CPU: measured once per
+    process for each dtype and thread count (a ``512 x 1024 x 1024`` product, best of ``rounds``, interleaved, after
+    a warm-up; about 20-60 ms where bf16 is fast). A small probe goes first (``128 x 256 x 256``, 2 rounds): where
+    ``dtype`` is emulated (under half float32's speed there) its result is the answer, so an emulating CPU spends
+    milliseconds, not seconds. ``0.0`` where ``dtype`` products fail here."""
+    with _lock:
+        key = _key(dtype)
+        if key not in _speedups:
+            try:
+                speedup = _time_products(dtype, 128, 256, 2, "probe")
+                if speedup >= 0.5:
+                    speedup = _time_products(dtype, 512, 1024, rounds, "measured once")
+            except RuntimeError as err:  # a dtype without CPU kernels in this build
+                logger.warning("%s matrix products failed on this CPU (%s); stages stay float32", dtype, err)
+                speedup = 0.0
+            _speedups[key] = speedup
+        return _speedups[key]
+
+
+def use_low_precision_speedup(dtype: torch.dtype, speedup: float) -> None:
+    """Take ``speedup`` (another process's :func:`low_precision_speedup`, e.g. rank 0's under ``torchrun``) as this
+    process's measurement for ``dtype``, so both prepare the same stages in the same dtype."""
+    with _lock:
+        _speedups[_key(dtype)] = float(speedup)

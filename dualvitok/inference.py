@@ -62,7 +62,8 @@ while the released architecture (pixel decoder 384, tower 1280) ran 2.6x; with A
 base width 32, is ~2x faster so). In every case a one-time measurement
 (:func:`dualvitok.cpu.low_precision_speedup`: bf16 against float32 matrix products) must find bf16 at least
 :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP` times faster, so CPUs whose flags promise more than their bf16
-kernels give keep float32 (an Intel Xeon with AMX limited to AVX-512-BF16 in oneDNN measured 0.58x). Each stage left
+kernels give keep float32 (an Intel Xeon with AMX limited to AVX-512-BF16 in oneDNN measured 0.58-0.65x; under
+``torchrun`` every rank takes rank 0's measurement first, :func:`agree_on_low_precision`). Each stage left
 in float32 is logged with its reason, and ``inference_plan.low_precision_speedup`` records the measurement.
 
 After this call the model can no longer be trained, and ``save_pretrained`` refuses it when a stage was converted
@@ -81,7 +82,7 @@ from torch import nn
 
 from .blocks import fused, norm_silu, packed
 from .blocks.inference import InferenceLinear, InferenceVariant, swap_inference_blocks
-from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup
+from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup, use_low_precision_speedup
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ class InferencePlan:
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
         low_precision_speedup: how many times faster ``dtype`` matrix products measured than float32 on this CPU
-            (:func:`dualvitok.cpu.low_precision_speedup`; CPU plan with a low-precision ``dtype`` only, else
-            ``None``).
+            (:func:`dualvitok.cpu.low_precision_speedup`); ``None`` where the rule did not measure (other devices,
+            ``dtype`` float32 or ``None``, x86 without bf16 instructions, or every stage too narrow for bf16
+            without AMX).
         keep_freed_memory: this plan applied :func:`dualvitok.devices.keep_freed_cpu_memory` (CPU plan only; the
             C library accepted the settings). ``False`` does not mean glibc's defaults are in force: another plan or
             caller of this process may have applied them, and under a preloaded jemalloc/tcmalloc they do nothing.
@@ -187,22 +189,30 @@ def _pixel_branch_modules(model) -> list[nn.Module]:
             for part in (block.conv1, block.norm2, block.conv2)]
 
 
-def low_precision_reason(width: int, device_type: str, dtype: torch.dtype) -> str | None:
+def low_precision_reason(width: int, device_type: str, dtype: torch.dtype | None) -> str | None:
     """``None`` if a stage of base channel width ``width`` should run in ``dtype`` on ``device_type``, else why it
-    stays float32 (the rule of the module docstring)."""
-    if device_type != "cpu":
-        return None
+    stays float32 (the rule of the module docstring; it may measure once:
+    :func:`dualvitok.cpu.low_precision_speedup`)."""
+    return _low_precision_rule(width, device_type, dtype)[0]
+
+
+def _low_precision_rule(width: int, device_type: str, dtype: torch.dtype | None) -> tuple[str | None, float | None]:
+    """:func:`low_precision_reason` and the measured speedup it used (``None`` where it measured nothing)."""
+    if device_type != "cpu" or dtype is None or dtype == torch.float32:
+        return None, None
     support = cpu_bf16_support()
     if support == "none":
-        return f"this CPU has no AVX-512-BF16 or AMX: {dtype} is emulated and slower than float32"
+        return f"this CPU has no AVX-512-BF16 or AMX: {dtype} is emulated and slower than float32", None
     if support != "amx" and width < MIN_BF16_WIDTH:
         return (f"base width {width} < {MIN_BF16_WIDTH}: on CPUs without AMX {dtype} kernels are slower than "
-                "float32 at this width")
-    speedup = low_precision_speedup(dtype)
+                "float32 at this width"), None
+    speedup = low_precision_speedup(dtype)  # measured once per process
+    if speedup == 0.0:
+        return f"{dtype} matrix products failed on this CPU (dualvitok.cpu.low_precision_speedup)", speedup
     if speedup < MIN_LOW_PRECISION_SPEEDUP:
         return (f"{dtype} matrix products measured {speedup:.2f}x the speed of float32 on this CPU (under "
-                f"{MIN_LOW_PRECISION_SPEEDUP}x; dualvitok.cpu.low_precision_speedup)")
-    return None
+                f"{MIN_LOW_PRECISION_SPEEDUP}x; dualvitok.cpu.low_precision_speedup)"), speedup
+    return None, speedup
 
 
 def _cast(t, dtype: torch.dtype | None, channels_last: bool):
@@ -282,6 +292,24 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
                 setattr(module, name, value)
                 if name == "pack_linear" and isinstance(module, InferenceLinear):
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
+
+
+def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
+    """Under ``torchrun``, before :func:`optimize_for_inference`: make every rank take rank 0's measured bf16
+    speedup (:func:`dualvitok.cpu.low_precision_speedup`; only rank 0 measures), so ranks on one kind of CPU convert
+    the same stages even where the measurement is near :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP`. A no-op in a
+    single process, on other devices and for float32; every rank must call it with the same arguments (a
+    collective)."""
+    import torch.distributed as dist
+
+    from ._utils.distributed import all_gather_json, is_distributed
+
+    if not is_distributed() or torch.device(device).type != "cpu" or dtype is None or dtype == torch.float32:
+        return
+    mine = low_precision_speedup(dtype) if dist.get_rank() == 0 and cpu_bf16_support() != "none" else None
+    rank0 = all_gather_json(mine)[0]
+    if rank0 is not None:
+        use_low_precision_speedup(dtype, rank0)
 
 
 def agree_on_kernels(model: nn.Module) -> None:
@@ -368,15 +396,20 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.keep_freed_memory = bool(keep_freed_cpu_memory())
     exact = indices == "exact"
     low_precision = dtype is not None and dtype != torch.float32
-    if device_type == "cpu" and low_precision and cpu_bf16_support() != "none":  # the rule's measured input
-        plan.low_precision_speedup = low_precision_speedup(dtype)
+
+    def rule(width: int) -> str | None:
+        reason, speedup = _low_precision_rule(width, device_type, dtype)
+        if speedup is not None:
+            plan.low_precision_speedup = speedup
+        return reason
+
     for stage in _stages(model):
         if not low_precision:
             reason = "dtype=None" if dtype is None else "dtype=float32"
         elif stage.decides_indices and indices != "fast":
             reason = f"indices={indices!r}"
         else:
-            reason = low_precision_reason(stage.width, device_type, dtype)
+            reason = rule(stage.width)
         _convert(plan, stage.name, stage.modules, dtype, reason)
         # exact indices: the index-deciding float32 stages keep the float32 path's layout too (channels_last picks
         # other convolution kernels, whose float32 sums differ in the last bits and can flip a near-tie index)
@@ -389,8 +422,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             stage.entry.register_forward_pre_hook(_to_channels_last)  # after the dtype cast of install_stage_casts
     if indices == "guarded" and low_precision:
         # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
-        _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype,
-                 low_precision_reason(model.config.pixel_encoder.ch, device_type, dtype))
+        _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype, rule(model.config.pixel_encoder.ch))
     decoder_dtype = next(model.pixel_decoder.parameters()).dtype
     if plan.fuse_conv and fuse_conv is None:  # one-time measured choice on this CPU (pixel decoder width and dtype)
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)

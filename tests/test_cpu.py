@@ -39,7 +39,7 @@ def test_not_x86_is_unknown(monkeypatch):
 @pytest.mark.parametrize("limit, want", [("avx512_core_bf16", "avx512_bf16"), ("AVX10_1_512", "avx512_bf16"),
                                          ("AVX2", "none"), ("avx512_core_vnni", "none"),
                                          ("AVX512_CORE_AMX", "amx"), ("ALL", "amx"), ("DEFAULT", "amx"),
-                                         (" ", "amx")])
+                                         ("", "amx")])
 def test_onednn_limit_is_honoured(x86_with, monkeypatch, limit, want):
     """A CPU with AMX whose oneDNN is limited below AMX (or below AVX-512-BF16) is treated as such."""
     x86_with(True, True)
@@ -56,24 +56,37 @@ def test_onednn_limit_never_adds_support(x86_with, monkeypatch):
     assert cpu.cpu_bf16_support() == "none"
 
 
-def test_speedup_is_measured_once_and_compares_the_two_dtypes(monkeypatch):
-    """A dtype whose products are made far slower measures far under 1x; measured once per key."""
-    monkeypatch.setattr(cpu, "_speedups", {})
-    real_mm, calls = torch.mm, []
-
+def _sleepy_mm(calls: list, low: float, high: float):
+    """A ``torch.mm`` stand-in that sleeps ``low`` seconds for bf16 operands and ``high`` for float32 ones (no
+    arithmetic: the test must not depend on this CPU's speed)."""
     def mm(a, b):
-        if a.dtype == torch.bfloat16:
-            calls.append(1)
-            time.sleep(0.02)  # far slower than a 512 x 1024 x 1024 product in either dtype
-        return real_mm(a, b)
+        calls.append(a.dtype)
+        time.sleep(low if a.dtype == torch.bfloat16 else high)
+        return a
+    return mm
 
-    monkeypatch.setattr(cpu.torch, "mm", mm)
+
+def test_speedup_is_measured_once_and_compares_the_two_dtypes(monkeypatch):
+    """A bf16 product far slower than float32 ends at the probe (3 calls: warm-up + 2 rounds); a far faster one
+    goes on to the full measurement (3 + 6 calls); each is measured once per key."""
+    monkeypatch.setattr(cpu, "_speedups", {})
+    calls = []
+    monkeypatch.setattr(cpu.torch, "mm", _sleepy_mm(calls, 0.02, 0.0))
     slow = cpu.low_precision_speedup(torch.bfloat16)
-    assert 0 < slow < 1 and len(calls) == 6  # warm-up + 5 rounds
-    assert cpu.low_precision_speedup(torch.bfloat16) == slow and len(calls) == 6  # cached
-    monkeypatch.setattr(cpu.torch, "mm", real_mm)
+    assert 0 < slow < 0.5 and calls.count(torch.bfloat16) == 3
+    assert cpu.low_precision_speedup(torch.bfloat16) == slow and calls.count(torch.bfloat16) == 3  # cached
+    calls.clear()
+    monkeypatch.setattr(cpu.torch, "mm", _sleepy_mm(calls, 0.0, 0.02))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another key: measured again
-    assert cpu.low_precision_speedup(torch.bfloat16) > slow
+    fast = cpu.low_precision_speedup(torch.bfloat16)
+    assert fast > cpu.MIN_LOW_PRECISION_SPEEDUP and calls.count(torch.bfloat16) == 3 + 6
+
+
+def test_another_processs_measurement_is_taken(monkeypatch):
+    monkeypatch.setattr(cpu, "_speedups", {})
+    monkeypatch.setattr(cpu.torch, "mm", lambda a, b: pytest.fail("measured"))
+    cpu.use_low_precision_speedup(torch.bfloat16, 1.7)
+    assert cpu.low_precision_speedup(torch.bfloat16) == 1.7
 
 
 def test_failing_dtype_measures_zero(monkeypatch, caplog):

@@ -321,6 +321,26 @@ def test_two_torchrun_processes_write_one_index(setup):
     _check_folder(out, _direct(tmp_path / "model", images))
 
 
+def test_two_torchrun_processes_agree_on_the_fast_path(setup):
+    """2 gloo ranks on the fast path: only rank 0 measures bf16 (both ranks then plan with its number), and the
+    kernel-choice collectives complete on both."""
+    tmp_path, images, out, args = setup
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(29500 + (os.getpid() + 7) % 1000), "-m", "dualvitok", "--log-level", "info", *args, "--device", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    plans = [line for line in log.splitlines() if "optimize_for_inference (cpu plan" in line]
+    assert len(plans) == 2, log[-3000:]
+    assert log.count("matrix products (probe") <= 1  # rank 1 never measures
+    if "matrix products" in plans[0]:  # the rule used a measurement: rank 0's, on both ranks
+        speedups = [line.split("matrix products ")[1].split("x float32")[0] for line in plans]
+        assert speedups[0] == speedups[1] and log.count("matrix products (probe") == 1
+    assert "on 2 process(es)" in result.stdout
+
+
 def test_disk_full_names_the_file_and_resume_completes(setup, monkeypatch, capsys):
     """ENOSPC while writing the second shard: a clear error naming it; the first shard stays; a resume completes."""
     import errno

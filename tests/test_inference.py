@@ -16,12 +16,12 @@ from dualvitok.blocks import fused
 from dualvitok.blocks.inference import InferenceVariant
 
 
-def _optimized(model, support: str = "amx", speedup: float = 6.0, **kwargs):
+def _optimized(model, support: str = "amx", speedup=6.0, **kwargs):
     """A fast copy of ``model`` as prepared on a CPU with the given bf16 support and measured bf16 speedup (the
-    rule's inputs)."""
+    rule's inputs; ``speedup`` may be the measuring function itself)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inference, "cpu_bf16_support", lambda: support)
-        mp.setattr(inference, "low_precision_speedup", lambda dtype: speedup)
+        mp.setattr(inference, "low_precision_speedup", speedup if callable(speedup) else lambda dtype: speedup)
         return copy.deepcopy(model).optimize_for_inference(**kwargs)
 
 
@@ -267,11 +267,47 @@ def test_bf16_measured_slower_keeps_every_stage_float32(support, caplog):
     assert fast.inference_plan.stage_dtypes["pixel decoder"] == "bfloat16"  # at the threshold: converted
 
 
-def test_low_precision_speedup_is_recorded_only_for_cpu_low_precision_plans(tiny_model):
+def test_bf16_is_measured_only_where_the_rule_gets_that_far(tiny_model):
+    """The plan records the measurement it used; it measures nothing for other devices, float32, CPUs without bf16
+    instructions, or stages too narrow for bf16 without AMX (the demo-sized model on AVX-512-BF16)."""
     assert _optimized(tiny_model, speedup=4.0, device="cpu").inference_plan.low_precision_speedup == 4.0
-    assert _optimized(tiny_model, speedup=4.0, device="cpu", dtype=None).inference_plan.low_precision_speedup is None
-    assert _optimized(tiny_model, speedup=4.0, device="cuda").inference_plan.low_precision_speedup is None
-    assert _optimized(tiny_model, support="none", device="cpu").inference_plan.low_precision_speedup is None
+
+    def must_not_measure(dtype):
+        raise AssertionError("measured where the rule had already decided")
+
+    for kwargs in ({"device": "cpu", "dtype": None}, {"device": "cpu", "dtype": torch.float32}, {"device": "cuda"},
+                   {"device": "cpu", "support": "none"}, {"device": "cpu", "support": "avx512_bf16"}):
+        plan = _optimized(tiny_model, speedup=must_not_measure, **kwargs).inference_plan
+        assert plan.low_precision_speedup is None, kwargs
+    assert inference.low_precision_reason(8, "cpu", None) is None  # nothing to decide: no measurement
+    assert inference.low_precision_reason(8, "cpu", torch.float32) is None
+
+
+def test_ranks_take_rank_0s_bf16_measurement_before_converting(monkeypatch):
+    """Under torchrun only rank 0 measures; the others take its number, so near the threshold every rank still
+    converts the same stages."""
+    import torch.distributed as dist
+
+    from dualvitok import cpu
+    from dualvitok._utils import distributed
+
+    monkeypatch.setattr(cpu, "_speedups", {})
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(inference, "cpu_bf16_support", lambda: "amx")
+    monkeypatch.setattr(inference, "low_precision_speedup", lambda dtype: pytest.fail("rank 1 measured"))
+    sent = []
+    monkeypatch.setattr(distributed, "all_gather_json", lambda obj: sent.append(obj) or [1.4, obj])
+    inference.agree_on_low_precision(torch.bfloat16, "cpu")
+    assert sent == [None]
+    assert cpu.low_precision_speedup(torch.bfloat16) == 1.4  # taken, not measured (it would take a while)
+    for args in ((torch.float32, "cpu"), (None, "cpu"), (torch.bfloat16, "cuda")):  # nothing to agree on
+        inference.agree_on_low_precision(*args)
+    assert sent == [None]
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(inference, "low_precision_speedup", lambda dtype: 5.5)
+    inference.agree_on_low_precision(torch.bfloat16, "cpu")
+    assert sent == [None, 5.5]  # rank 0 sends its measurement
 
 
 def test_released_architecture_uses_bf16_on_avx512_bf16(cpu_like):

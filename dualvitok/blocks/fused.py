@@ -144,7 +144,9 @@ def fused_conv_add_pays(channels: int, dtype: torch.dtype, size: int = 96, round
         measured = measure_choice(f"fused convolution + addition ({dtype}, {channels} channels)",
                                   ("fused", lambda: conv2d_add(conv, x, residual, inplace=True)),
                                   ("separate", lambda: residual.add_(conv(x))), rounds, 1 / (1 + tolerance), logger)
-    # the operator failed (conv2d_add logged why and ran the plain ones): not fused
-    choice = measured.chosen and _kind(x, residual, True) not in _refused
+    choice = measured.chosen
+    if _kind(x, residual, True) in _refused:  # the operator failed (conv2d_add warned why) and both runs were plain
+        logger.info("fused convolution + addition: refused by oneDNN during its measurement; separate operators")
+        choice = False
     _fusion_choices[key] = choice
     return choice

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._utils.io import json_path
-from ..inference import INDEX_MODES, agree_on_kernels
+from ..inference import INDEX_MODES, agree_on_kernels, agree_on_low_precision
 from . import _args
 from ._args import dtype_of
 
@@ -249,6 +249,7 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
                     len(source.items), len(source.items) - len(todo), mine)
 
         if args.dtype != "float32":  # the CPU plan keeps freed buffers for reuse unless --default-malloc
+            agree_on_low_precision(dtype_of(args.dtype), device)  # under torchrun: rank 0's measured bf16 speedup
             model.optimize_for_inference(dtype=dtype_of(args.dtype), indices=args.indices,
                                          keep_freed_memory=not args.default_malloc)
             agree_on_kernels(model)

@@ -225,8 +225,9 @@ def _run(args: argparse.Namespace, device: torch.device, info) -> int:
         files, data_name = scan_folder(args.data, args.limit), json_path(os.fspath(args.data))
     model, model_name = _load_model(args.model, device)
     if args.dtype != "float32":
-        from ..inference import agree_on_kernels, optimize_for_inference
+        from ..inference import agree_on_kernels, agree_on_low_precision, optimize_for_inference
 
+        agree_on_low_precision(_args.dtype_of(args.dtype), device)  # under torchrun: rank 0's measured bf16 speedup
         model = optimize_for_inference(model, dtype=_args.dtype_of(args.dtype),
                                        keep_freed_memory=not args.default_malloc)
         agree_on_kernels(model)  # under torchrun: rank 0's kernel choices on every rank

@@ -304,3 +304,21 @@ def test_fusion_is_a_measured_choice_cached_per_process(monkeypatch):
     assert fused.fused_conv_add_pays(16, torch.float32) is False and len(calls) == n  # cached: not measured again
     monkeypatch.setattr(fused, "_mkldnn_op", original)
     assert fused.fused_conv_add_pays(24, torch.float32, tolerance=10.0) is True  # another key: measured, kept
+
+
+def test_an_operator_refused_during_its_measurement_is_not_chosen(monkeypatch, caplog):
+    """Where oneDNN refuses the fused operator while it is being timed, both timed runs were the plain operators:
+    the choice is the separate operators, and the log says so (not the timing's winner)."""
+    monkeypatch.setattr(fused, "_fusion_choices", {})
+    monkeypatch.setattr(fused, "_refused", set())
+
+    def refusing(inplace):
+        def op(*args):
+            raise RuntimeError("could not create a primitive")
+        return op
+
+    monkeypatch.setattr(fused, "_mkldnn_op", refusing)
+    monkeypatch.setattr(fused, "_can_fuse", lambda *args: not fused._refused)
+    with caplog.at_level(logging.INFO, logger="dualvitok.blocks.fused"):
+        assert fused.fused_conv_add_pays(16, torch.float32, tolerance=10.0) is False
+    assert "refused by oneDNN during its measurement; separate operators" in caplog.text
