@@ -37,6 +37,8 @@ MIN_LOW_PRECISION_SPEEDUP = 1.5
 """A stage runs in bf16 on CPU only where bf16 matrix products measure at least this many times faster than float32
 (:func:`low_precision_speedup`): below it the casts and the element-wise work a bf16 stage keeps leave too little."""
 
+_PROBE_SPEEDUP = 0.5  # under this at the probe's size the dtype is emulated: no full measurement
+
 # AVX2_VNNI_2 converts to and from bf16 but has no bf16 dot products: counted as without (conservative)
 _ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                                        "AVX512_CORE_VNNI"})
@@ -79,16 +81,16 @@ def _key(dtype: torch.dtype) -> tuple:
     return (dtype, torch.get_num_threads(), cpu_bf16_support(), onednn_isa_limit())
 
 
-def _time_products(dtype: torch.dtype, rows: int, inner: int, rounds: int, what: str) -> float:
+def _time_products(dtype: torch.dtype, rows: int, inner: int, rounds: int, what: str, threshold: float) -> float:
+    """Speedup of ``dtype`` over float32 for a ``rows x inner x inner`` product (logged against ``threshold``)."""
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(rows, inner, generator=generator), torch.randn(inner, inner, generator=generator)
     low_a, low_b = a.to(dtype), b.to(dtype)
     name = str(dtype).removeprefix("torch.")
     with torch.inference_mode():
-        return measure_choice(f"{name} matrix products ({what}, {rows} x {inner} x {inner}, {torch.get_num_threads()} "
-                              f"threads; bf16 stages need >= {MIN_LOW_PRECISION_SPEEDUP}x)",
-                              (name, lambda: torch.mm(low_a, low_b)), ("float32", lambda: torch.mm(a, b)), rounds,
-                              MIN_LOW_PRECISION_SPEEDUP, logger).speedup
+        return measure_choice(f"{name} matrix products ({rows} x {inner} x {inner}, {torch.get_num_threads()} threads; "
+                              f"{what} >= {threshold}x)", (name, lambda: torch.mm(low_a, low_b)),
+                              ("float32", lambda: torch.mm(a, b)), rounds, threshold, logger).speedup
 
 
 def low_precision_speedup(dtype: torch.dtype, rounds: int = 5) -> float:
@@ -101,9 +103,9 @@ def low_precision_speedup(dtype: torch.dtype, rounds: int = 5) -> float:
         key = _key(dtype)
         if key not in _speedups:
             try:
-                speedup = _time_products(dtype, 128, 256, 2, "probe")
-                if speedup >= 0.5:
-                    speedup = _time_products(dtype, 512, 1024, rounds, "measured once")
+                speedup = _time_products(dtype, 128, 256, 2, "probe: measured in full if", _PROBE_SPEEDUP)
+                if speedup >= _PROBE_SPEEDUP:
+                    speedup = _time_products(dtype, 512, 1024, rounds, "bf16 stages if", MIN_LOW_PRECISION_SPEEDUP)
             except RuntimeError as err:  # a dtype without CPU kernels in this build
                 logger.warning("%s matrix products failed on this CPU (%s); stages stay float32", dtype, err)
                 speedup = 0.0
