@@ -9,12 +9,13 @@ Two inputs decide it:
   ``dnnl_cpu_isa_t``); such a limit is honoured, so a CPU with AMX limited to ``AVX512_CORE_BF16`` is treated as one
   without AMX.
 * :func:`low_precision_speedup`, a one-time measurement (about 20-60 ms where bf16 is fast; a small probe ends it
-  early where bf16 is emulated): a ``512 x 1024 x 1024`` matrix product in the low-precision dtype against float32,
-  interleaved, best of 5. Stages stay float32 where it is under :data:`MIN_LOW_PRECISION_SPEEDUP`. The flags alone
-  do not say what bf16 costs: on an Intel Xeon with AMX whose oneDNN was limited to AVX-512-BF16, bf16 products ran
-  at 0.58-0.65x of float32 (in two runs; 196 against 340 GFLOP/s at 2048 x 2048, 2 threads), and float16 on a CPU
-  without AMX-FP16 runs at about float32's speed; with AMX bf16 runs about 6x faster, and on an AMD EPYC with
-  AVX-512-BF16 about 4x (bf16 GEMM peak ~1,000 against ~236 GFLOP/s).
+  early, with its own number, where bf16 is far slower than float32): a ``512 x 1024 x 1024`` matrix product in the
+  low-precision dtype against float32, interleaved, best of 5. Stages stay float32 where it is under
+  :data:`MIN_LOW_PRECISION_SPEEDUP`. The flags alone do not say what bf16 costs: on an Intel Xeon with AMX whose
+  oneDNN was limited to AVX-512-BF16, bf16 products ran at 0.58-0.65x of float32 (two runs; the probe 0.43x; 196
+  against 340 GFLOP/s at 2048 x 2048, 2 threads), and float16 on a CPU without AMX-FP16 runs at about float32's
+  speed; with AMX bf16 runs about 6x faster, and on an AMD EPYC with AVX-512-BF16 about 4x (bf16 GEMM peak ~1,000
+  against ~236 GFLOP/s).
 * Under ``torchrun``, :func:`dualvitok.inference.agree_on_low_precision` gives every rank rank 0's measurement
   (:func:`use_low_precision_speedup`) before the stages are converted, so ranks on one kind of CPU convert the same
   stages even where the speedup is near the threshold.
@@ -97,8 +98,8 @@ def low_precision_speedup(dtype: torch.dtype, rounds: int = 5) -> float:
     """How many times faster a matrix product runs in ``dtype`` than in float32 on this CPU: measured once per
     process for each dtype and thread count (a ``512 x 1024 x 1024`` product, best of ``rounds``, interleaved, after
     a warm-up; about 20-60 ms where bf16 is fast). A small probe goes first (``128 x 256 x 256``, 2 rounds): where
-    ``dtype`` is emulated (under half float32's speed there) its result is the answer, so an emulating CPU spends
-    milliseconds, not seconds. ``0.0`` where ``dtype`` products fail here."""
+    ``dtype`` runs under half float32's speed there (emulated, or slow kernels) the probe's result is the answer, so
+    such a CPU spends milliseconds, not seconds. ``0.0`` where ``dtype`` products fail here."""
     with _lock:
         key = _key(dtype)
         if key not in _speedups:

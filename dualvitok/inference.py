@@ -62,8 +62,9 @@ while the released architecture (pixel decoder 384, tower 1280) ran 2.6x; with A
 base width 32, is ~2x faster so). In every case a one-time measurement
 (:func:`dualvitok.cpu.low_precision_speedup`: bf16 against float32 matrix products) must find bf16 at least
 :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP` times faster, so CPUs whose flags promise more than their bf16
-kernels give keep float32 (an Intel Xeon with AMX limited to AVX-512-BF16 in oneDNN measured 0.58-0.65x; under
-``torchrun`` every rank takes rank 0's measurement first, :func:`agree_on_low_precision`). Each stage left
+kernels give keep float32 (an Intel Xeon with AMX limited to AVX-512-BF16 in oneDNN measured 0.43-0.65x). Under
+``torchrun`` call :func:`agree_on_low_precision` on every rank first (``dualvitok encode`` and ``dualvitok evaluate``
+do), so every rank takes rank 0's measurement. Each stage left
 in float32 is logged with its reason, and ``inference_plan.low_precision_speedup`` records the measurement.
 
 After this call the model can no longer be trained, and ``save_pretrained`` refuses it when a stage was converted
@@ -115,7 +116,8 @@ class InferencePlan:
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
         low_precision_speedup: how many times faster ``dtype`` matrix products measured than float32 on this CPU
-            (:func:`dualvitok.cpu.low_precision_speedup`); ``None`` where the rule did not measure (other devices,
+            (:func:`dualvitok.cpu.low_precision_speedup`; rank 0's under ``torchrun`` after
+            :func:`agree_on_low_precision`); ``None`` where the rule did not measure (other devices,
             ``dtype`` float32 or ``None``, x86 without bf16 instructions, or every stage too narrow for bf16
             without AMX).
         keep_freed_memory: this plan applied :func:`dualvitok.devices.keep_freed_cpu_memory` (CPU plan only; the
@@ -297,9 +299,10 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
 def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
     """Under ``torchrun``, before :func:`optimize_for_inference`: make every rank take rank 0's measured bf16
     speedup (:func:`dualvitok.cpu.low_precision_speedup`; only rank 0 measures), so ranks on one kind of CPU convert
-    the same stages even where the measurement is near :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP`. A no-op in a
-    single process, on other devices and for float32; every rank must call it with the same arguments (a
-    collective)."""
+    the same stages even where the measurement is near :data:`~dualvitok.cpu.MIN_LOW_PRECISION_SPEEDUP`. Rank 0
+    measures whenever its CPU has bf16 instructions, also where the width rule would then keep every stage float32
+    (milliseconds). A no-op in a single process, on other devices and for float32; every rank must call it with the
+    same arguments (a collective)."""
     import torch.distributed as dist
 
     from ._utils.distributed import all_gather_json, is_distributed

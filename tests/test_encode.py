@@ -335,6 +335,8 @@ def test_two_torchrun_processes_agree_on_the_fast_path(setup):
     plans = [line for line in log.splitlines() if "optimize_for_inference (cpu plan" in line]
     assert len(plans) == 2, log[-3000:]
     assert log.count("probe: measured in full") <= 1  # rank 1 never measures
+    # on a CPU without bf16 instructions nothing is measured and this checks only that the collectives complete;
+    # what each rank sends is tested CPU-independently in tests/test_inference.py
     if "matrix products" in plans[0]:  # the rule used a measurement: rank 0's, on both ranks
         speedups = [line.split("matrix products ")[1].split("x float32")[0] for line in plans]
         assert speedups[0] == speedups[1] and log.count("probe: measured in full") == 1
