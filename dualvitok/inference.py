@@ -191,6 +191,11 @@ def _pixel_branch_modules(model) -> list[nn.Module]:
             for part in (block.conv1, block.norm2, block.conv2)]
 
 
+def _is_low_precision(dtype: torch.dtype | None) -> bool:
+    """Whether a plan in ``dtype`` converts stages (``None`` and float32 keep them float32)."""
+    return dtype is not None and dtype != torch.float32
+
+
 def low_precision_reason(width: int, device_type: str, dtype: torch.dtype | None) -> str | None:
     """``None`` if a stage of base channel width ``width`` should run in ``dtype`` on ``device_type``, else why it
     stays float32 (the rule of the module docstring; it may measure once:
@@ -200,7 +205,7 @@ def low_precision_reason(width: int, device_type: str, dtype: torch.dtype | None
 
 def _low_precision_rule(width: int, device_type: str, dtype: torch.dtype | None) -> tuple[str | None, float | None]:
     """:func:`low_precision_reason` and the measured speedup it used (``None`` where it measured nothing)."""
-    if device_type != "cpu" or dtype is None or dtype == torch.float32:
+    if device_type != "cpu" or not _is_low_precision(dtype):
         return None, None
     support = cpu_bf16_support()
     if support == "none":
@@ -307,7 +312,7 @@ def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device
 
     from ._utils.distributed import all_gather_json, is_distributed
 
-    if not is_distributed() or torch.device(device).type != "cpu" or dtype is None or dtype == torch.float32:
+    if not is_distributed() or torch.device(device).type != "cpu" or not _is_low_precision(dtype):
         return
     mine = low_precision_speedup(dtype) if dist.get_rank() == 0 and cpu_bf16_support() != "none" else None
     rank0 = all_gather_json(mine)[0]
@@ -398,7 +403,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
 
         plan.keep_freed_memory = bool(keep_freed_cpu_memory())
     exact = indices == "exact"
-    low_precision = dtype is not None and dtype != torch.float32
+    low_precision = _is_low_precision(dtype)
 
     def rule(width: int) -> str | None:
         reason, speedup = _low_precision_rule(width, device_type, dtype)

@@ -57,5 +57,5 @@ def measure_choice(what: str, candidate: tuple[str, Callable[[], object]], basel
     best = interleaved_best({cand_name: cand, base_name: base}, rounds)
     result = MeasuredChoice(best[cand_name] * min_speedup <= best[base_name], best[cand_name], best[base_name])
     (log or logger).info("%s: %.2f ms %s vs %.2f ms %s: %s", what, result.candidate_s * 1e3, cand_name,
-                result.baseline_s * 1e3, base_name, cand_name if result.chosen else base_name)
+                         result.baseline_s * 1e3, base_name, cand_name if result.chosen else base_name)
     return result
