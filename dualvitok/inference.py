@@ -35,7 +35,9 @@ the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weigh
 measurement finds that faster than ``F.linear`` (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy
 of those weights), and the decoder's ``silu(SpatialNorm(x, zq))`` as a native kernel
 (:mod:`dualvitok.blocks.norm_silu`, built on first use with the system C compiler) where a third one finds it faster
-(:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`). Under ``torchrun``, ``dualvitok encode`` and
+(:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`), and the bf16 vision blocks' RoPE as another native kernel
+(:mod:`dualvitok.blocks.native_rope`, PyTorch's values bit for bit) where a fourth one does
+(:func:`dualvitok.blocks.native_rope.native_rope_pays`). Under ``torchrun``, ``dualvitok encode`` and
 ``dualvitok evaluate`` make every rank take rank 0's choices (:func:`agree_on_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
@@ -82,7 +84,8 @@ import torch
 from torch import nn
 
 from .blocks import fused, norm_silu, packed
-from .blocks.inference import InferenceLinear, InferenceVariant, swap_inference_blocks
+from .blocks import native_rope as native_rope_kernel
+from .blocks.inference import KERNELS, InferenceLinear, InferenceVariant, swap_inference_blocks
 from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup, use_low_precision_speedup
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,9 @@ class InferencePlan:
         native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
             where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
+        native_rope: the bf16 vision blocks rotate their queries and keys with the native CPU kernel (CPU plan only,
+            where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
+            :func:`dualvitok.blocks.native_rope.native_rope_pays`; the same values either way).
         compiled: the stages were compiled with ``torch.compile``.
         indices: how the index-deciding encoders run (one of :data:`INDEX_MODES`).
         low_precision_speedup: how many times faster ``dtype`` matrix products measured than float32 on this CPU
@@ -132,6 +138,7 @@ class InferencePlan:
     fuse_conv: bool = True
     pack_linear: bool = False
     native_norm: bool = False
+    native_rope: bool = False
     compiled: bool = False
     indices: str = "guarded"
     low_precision_speedup: float | None = None
@@ -273,16 +280,16 @@ def _convert(plan: InferencePlan, name: str, modules: list[nn.Module], dtype: to
         plan.kept_float32[name] = reason
 
 
-KERNEL_CHOICES = ("fuse_conv", "pack_linear", "native_norm")
+KERNEL_CHOICES = tuple(KERNELS)
 """The plan's measured kernel choices (:class:`InferencePlan` fields), which :func:`use_kernels` sets."""
 
 
 def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
-    ``native_norm=``: the native GroupNorm + SiLU kernel), e.g. to take
-    another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` where the kernel
-    is unavailable (no C compiler) is recorded as ``False``, with a warning."""
+    ``native_norm=``: the native GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
+    another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` or
+    ``native_rope=True`` where the kernel is unavailable (no C compiler) is recorded as ``False``, with a warning."""
     unknown = set(choices) - set(KERNEL_CHOICES)
     if unknown:
         raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
@@ -292,6 +299,10 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
             logger.warning("use_kernels(native_norm=True): the native GroupNorm + SiLU kernel is unavailable in this "
                            "process; PyTorch's operators run (decoded images may differ from other processes' in "
                            "the last bits; tokens do not)")
+            value = False
+        if name == "native_rope" and value and not native_rope_kernel.native_available():
+            logger.warning("use_kernels(native_rope=True): the native RoPE kernel is unavailable in this process; "
+                           "PyTorch's operators run (the same values)")
             value = False
         setattr(model.inference_plan, name, value)
         for module in model.modules():
@@ -353,7 +364,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
                            fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                           native_norm: bool | None = None, keep_freed_memory: bool | None = None):
+                           native_norm: bool | None = None, native_rope: bool | None = None,
+                           keep_freed_memory: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
     Args:
@@ -377,6 +389,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             (``True``; built on first use with the system C compiler, :mod:`dualvitok.blocks.norm_silu`), not
             (``False``), or measure once which is faster on this CPU (``None``, default;
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`). Without a C compiler PyTorch's operators run.
+        native_rope: CPU plan: rotate the bf16 vision blocks' queries and keys with the native kernel (``True``;
+            :mod:`dualvitok.blocks.native_rope`, PyTorch's values bit for bit), not (``False``), or measure once which
+            is faster on this CPU (``None``, default; :func:`dualvitok.blocks.native_rope.native_rope_pays`).
+            Without a C compiler PyTorch's operators run.
         keep_freed_memory: CPU plan: let glibc keep freed large buffers for reuse, **for the whole process**
             (``None``, default, or ``True``; :func:`dualvitok.devices.keep_freed_cpu_memory`), or leave the allocator
             alone (``False``). Ignored by other plans.
@@ -448,9 +464,17 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                            "PyTorch's operators run instead")
         plan.native_norm = norm_silu.native_available() and (
             bool(native_norm) or norm_silu.native_norm_silu_pays(model.config.pixel_decoder.ch, decoder_dtype))
+    if device_type == "cpu" and not compile and native_rope is not False and tower_weight.dtype == torch.bfloat16:
+        if native_rope and not native_rope_kernel.native_available():
+            logger.warning("optimize_for_inference(native_rope=True): the native RoPE kernel is unavailable here "
+                           "(logged at INFO: no C compiler, DUALVITOK_NATIVE=0; or a warning above); PyTorch's "
+                           "operators run instead")
+        tower_config = model.config.semantic_encoder.semantic_encoder_config
+        plan.native_rope = native_rope_kernel.native_available() and (
+            bool(native_rope) or native_rope_kernel.native_rope_pays(
+                tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    swap_inference_blocks(model, fuse_conv=plan.fuse_conv, pack_linear=plan.pack_linear,
-                          native_norm=plan.native_norm)
+    swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES})
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
@@ -465,6 +489,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
     kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
                f"{'on' if plan.pack_linear else 'off'}, native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
+               f"native RoPE {'on' if plan.native_rope else 'off'}, "
                f"freed buffers kept for reuse (process-wide) "
                f"{'on' if plan.keep_freed_memory else 'off'}" if device_type == "cpu" else "")
     measured = (f", {str(dtype).removeprefix('torch.')} matrix products {plan.low_precision_speedup:.1f}x float32"

@@ -125,7 +125,8 @@ class DualViTok(HubMixin, nn.Module):
                                exact_indices: bool | None = None, *, indices: str = "guarded",
                                device: str | torch.device | None = None, compile: bool = False,
                                fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                               native_norm: bool | None = None, keep_freed_memory: bool | None = None) -> DualViTok:
+                               native_norm: bool | None = None, native_rope: bool | None = None,
+                               keep_freed_memory: bool | None = None) -> DualViTok:
         """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`.
 
         ``indices``: ``"guarded"`` (default; >= 99% of pixel indices equal the float32 path's), ``"exact"`` (equal)
@@ -134,7 +135,8 @@ class DualViTok(HubMixin, nn.Module):
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices, indices=indices, device=device,
                                       compile=compile, fuse_conv=fuse_conv, pack_linear=pack_linear,
-                                      native_norm=native_norm, keep_freed_memory=keep_freed_memory)
+                                      native_norm=native_norm, native_rope=native_rope,
+                                      keep_freed_memory=keep_freed_memory)
 
     # ------------------------------------------------------------------------------------------ API
     def encode(self, images: Tensor) -> DualViTokEncoding:

@@ -371,24 +371,25 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu
     """Under torchrun each rank measures its kernels once; encode and evaluate make every rank use rank 0's
     choices (inference.agree_on_kernels)."""
     from dualvitok._utils import distributed
-    from dualvitok.blocks import norm_silu, packed
+    from dualvitok.blocks import native_rope, norm_silu, packed
     from dualvitok.blocks.inference import InferenceLinear
 
     cpu_like("amx")  # bf16 stages whatever this CPU
     monkeypatch.setattr(norm_silu, "native_available", lambda: True)
+    monkeypatch.setattr(native_rope, "native_available", lambda: True)
     model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True,
-                                                             native_norm=True)
+                                                             native_norm=True, native_rope=True)
     gathered = []
-    rank0 = {"kernels": {"fuse_conv": False, "pack_linear": False, "native_norm": False},  # the plain operators
-             "stage_dtypes": dict(model.inference_plan.stage_dtypes)}
+    plain = dict.fromkeys(inference.KERNEL_CHOICES, False)  # rank 0 uses the plain operators
+    rank0 = {"kernels": plain, "stage_dtypes": dict(model.inference_plan.stage_dtypes)}
     monkeypatch.setattr(distributed, "all_gather_json", lambda obj: gathered.append(obj) or [rank0, obj])
     inference.agree_on_kernels(model)
-    assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True,
+    assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True, "native_rope": True,
                                      "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))},
                          "stage_dtypes": model.inference_plan.stage_dtypes}]
-    assert not (model.inference_plan.fuse_conv or model.inference_plan.pack_linear or model.inference_plan.native_norm)
+    assert not any(getattr(model.inference_plan, name) for name in inference.KERNEL_CHOICES)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
-    assert variants and not any(m.fuse_conv or m.pack_linear or m.native_norm for m in variants)
+    assert variants and not any(getattr(m, name) for m in variants for name in inference.KERNEL_CHOICES)
     assert any(isinstance(m, InferenceLinear) for m in variants)
 
 

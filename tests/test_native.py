@@ -104,7 +104,7 @@ def test_the_sources_ship_with_the_package():
     root = Path(__file__).resolve().parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dualvitok"]
     sources = sorted(p.relative_to(root / "dualvitok").as_posix() for p in _native.SOURCE_DIR.glob("*.c"))
-    assert sources == ["_native/norm_silu.c"]
+    assert sources == ["_native/norm_silu.c", "_native/rope.c"]
     assert all(any(fnmatch.fnmatch(source, pattern) for pattern in patterns) for source in sources)
 
 

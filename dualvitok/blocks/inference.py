@@ -9,6 +9,8 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
   CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
 * ``nn.Linear`` computes from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is set
   (:mod:`dualvitok.blocks.packed`), and ``VisionMlp`` folds its quick-GELU into the first of those GEMMs;
+* ``VisionAttention`` rotates its bf16 queries and keys with a native CPU kernel in one pass where ``native_rope``
+  is set (:mod:`dualvitok.blocks.native_rope`; PyTorch's values bit for bit);
 * ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
   place (the DC-up shortcut as a broadcast over views, nothing materialised at full size).
 
@@ -33,43 +35,61 @@ from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_average
 from .fused import add, conv2d_add, is_out_of_memory
 from .movq import MoVQDecoder
+from .native_rope import rotate_queries_keys
 from .norm import SpatialNorm
 from .norm_silu import norm_silu
 from .resnet import ResnetBlock2d
-from .vit import QUICK_GELU_ALPHA, VisionMlp, quick_gelu
+from .vit import QUICK_GELU_ALPHA, VisionAttention, VisionMlp, quick_gelu
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=nn.Module)
 
 
+KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "native_norm": False, "native_rope": False}
+"""The variants' kernel switches (see :class:`InferenceVariant`) and their defaults."""
+
+
+def _kernel_switches(kernels: dict[str, bool]) -> dict[str, bool]:
+    """Every switch of :data:`KERNELS`, ``kernels`` over the defaults (an unknown name is an error)."""
+    unknown = set(kernels) - set(KERNELS)
+    if unknown:
+        raise TypeError(f"unknown kernel switches {sorted(unknown)}; expected some of {', '.join(KERNELS)}")
+    return {**KERNELS, **{name: bool(value) for name, value in kernels.items()}}
+
+
 class InferenceVariant(nn.Module):
-    """Base of the inference variants: construction from a plain block, and the conv + residual epilogue.
+    """Base of the inference variants: construction from a plain block, the kernel switches (:data:`KERNELS`), and
+    the conv + residual epilogue.
 
     ``fuse_conv``: use the oneDNN convolution with an addition post-op (CPU only,
     :func:`dualvitok.blocks.fused.conv2d_add`); otherwise ``residual.add_(conv(x))``, plain operators only.
+    ``pack_linear``: compute bf16 linear layers from prepacked weights (:mod:`dualvitok.blocks.packed`).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
+    ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
+    (:func:`dualvitok.blocks.native_rope.rotate_queries_keys`; PyTorch's values bit for bit).
     """
 
     fuse_conv: bool = True
     pack_linear: bool = False
     native_norm: bool = False
+    native_rope: bool = False
 
     @classmethod
-    def from_module(cls: type[M], module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False,
-                    native_norm: bool = False) -> M:
-        """A variant sharing ``module``'s parameters, buffers, submodules and hooks (``module`` is left as it was)."""
+    def from_module(cls: type[M], module: nn.Module, **kernels: bool) -> M:
+        """A variant sharing ``module``'s parameters, buffers, submodules and hooks (``module`` is left as it was),
+        with the kernel switches ``kernels`` (names of :data:`KERNELS`; the others take their defaults)."""
         plain = cls.__bases__[-1]  # the block this variant derives from
         if not isinstance(module, plain):
             raise TypeError(f"{cls.__name__} is built from a {plain.__name__}, got {type(module).__name__}")
+        switches = _kernel_switches(kernels)
         variant = cls.__new__(cls)
         variant.__dict__.update(module.__dict__)
         for name in ("_parameters", "_buffers", "_modules"):  # own dicts: swapping children leaves module alone
             variant.__dict__[name] = dict(module.__dict__[name])
-        variant.fuse_conv = fuse_conv
-        variant.pack_linear = pack_linear
-        variant.native_norm = native_norm
+        for name, value in switches.items():
+            setattr(variant, name, value)
         return variant
 
     def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
@@ -170,6 +190,14 @@ class InferenceVisionMlp(InferenceVariant, VisionMlp):
         return fc2(z.div_(QUICK_GELU_ALPHA)) if out is None else out
 
 
+class InferenceVisionAttention(InferenceVariant, VisionAttention):
+    """:class:`VisionAttention` rotating its queries and keys with the native CPU kernel where ``native_rope`` is set
+    and it applies (:func:`dualvitok.blocks.native_rope.rotate_queries_keys`: the same values as the plain block)."""
+
+    def rotate(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        return rotate_queries_keys(qkv, rope, native=self.native_rope)
+
+
 class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
     """:class:`SpatialNorm` modulating its normalised temporary in place (no second full-size output)."""
 
@@ -253,6 +281,7 @@ class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
 INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
     nn.Linear: InferenceLinear,
     VisionMlp: InferenceVisionMlp,
+    VisionAttention: InferenceVisionAttention,
     SpatialNorm: InferenceSpatialNorm,
     ResnetBlock2d: InferenceResnetBlock2d,
     AttnBlock2d: InferenceAttnBlock2d,
@@ -263,21 +292,23 @@ INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
 """Plain block type (exactly) -> its inference variant."""
 
 
-def swap_inference_blocks(module: nn.Module, fuse_conv: bool = True, pack_linear: bool = False,
-                          native_norm: bool = False) -> nn.Module:
+def swap_inference_blocks(module: nn.Module, **kernels: bool) -> nn.Module:
     """Replace, in place and bottom-up, every block of ``module`` (and ``module`` itself) whose type is a key of
     :data:`INFERENCE_VARIANTS` by its variant; returns ``module`` or its replacement.
 
     Args:
-        module: any module tree (a MoVQ encoder/decoder, a tokenizer).
-        fuse_conv: let the variants use the oneDNN fused convolution (CPU); ``False`` keeps to plain operators.
-        pack_linear: let the bf16 linear layers compute from prepacked weights (CPU, :mod:`dualvitok.blocks.packed`).
-        native_norm: let the blocks compute ``silu(norm(x))`` with the native CPU kernel
-            (:mod:`dualvitok.blocks.norm_silu`).
+        module: any module tree (a MoVQ encoder/decoder, a vision tower, a tokenizer).
+        kernels: the variants' kernel switches (:data:`KERNELS`; the others take their defaults):
+            ``fuse_conv`` lets them use the oneDNN fused convolution (CPU; ``False`` keeps to plain operators),
+            ``pack_linear`` lets the bf16 linear layers compute from prepacked weights (CPU,
+            :mod:`dualvitok.blocks.packed`), ``native_norm`` lets the blocks compute ``silu(norm(x))`` with the
+            native CPU kernel (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate
+            their queries and keys with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
     """
+    switches = _kernel_switches(kernels)
     for name, child in list(module.named_children()):
-        new = swap_inference_blocks(child, fuse_conv, pack_linear, native_norm)
+        new = swap_inference_blocks(child, **switches)
         if new is not child:
             setattr(module, name, new)
     variant = INFERENCE_VARIANTS.get(type(module))
-    return variant.from_module(module, fuse_conv, pack_linear, native_norm) if variant is not None else module
+    return variant.from_module(module, **switches) if variant is not None else module

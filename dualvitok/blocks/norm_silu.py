@@ -25,10 +25,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
 import torch
@@ -36,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _native
+from .._native import pool as _pool
 from .._utils.timing import measure_choice
 from ..validation import is_tracing
 from .norm import SpatialNorm, apply_norm
@@ -53,12 +52,11 @@ to ``[1, 768, 64, 64]`` (0.4-3 M elements) and 1.12-1.84x from ``[1, 384, 128, 1
 ``[1, 384, 512, 512]``."""
 
 
-_lock = threading.RLock()  # guards _functions and _pools (re-entered: the self-check asks for a pool)
+_lock = threading.Lock()  # guards _functions
 Functions = dict[str, Callable[..., None]]
 """The kernel's ctypes functions by role (``"sums"``, ``"affine"``, ``"apply"``)."""
 
 _functions: Functions | None = None  # published after the self-check ({}: unavailable)
-_pools: dict[int, ThreadPoolExecutor] = {}  # thread count -> pool, never shut down while the process lives
 
 
 def _library_functions() -> Functions:
@@ -118,43 +116,6 @@ def _self_check(functions: Functions) -> bool:
     return True
 
 
-def _forget_pools_after_fork() -> None:
-    """A forked child has none of the parent's pool threads (and maybe a held lock): start afresh there."""
-    global _lock, _pools
-    _lock, _pools = threading.RLock(), {}
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools_after_fork)
-
-
-def _threads() -> tuple[ThreadPoolExecutor, int]:
-    """A pool for PyTorch's intra-op thread count of the calling thread (ctypes calls release the GIL, so the pool's
-    threads run in parallel); one pool per count, kept, so a pool is never shut down under another caller."""
-    threads = max(1, torch.get_num_threads())
-    with _lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="dualvitok-norm-silu")
-        return _pools[threads], threads
-
-
-def _split(n: int, parts: int) -> list[tuple[int, int]]:
-    """``[0, n)`` as ``parts`` consecutive ranges of near-equal length."""
-    return [(n * k // parts, n * (k + 1) // parts) for k in range(parts)]
-
-
-def _run(pool: ThreadPoolExecutor, calls: list[Callable[[], None]]) -> None:
-    """Run the calls on the pool's threads, the last one on this thread; always wait for all of them before
-    returning or raising (they write and read the caller's tensors, which must outlive them)."""
-    futures = [pool.submit(call) for call in calls[:-1]]
-    try:
-        calls[-1]()
-    finally:
-        wait(futures)
-    for future in futures:
-        future.result()  # re-raise a worker's error
-
-
 def _has_hooks(*modules: nn.Module) -> bool:
     """Whether forward hooks would run on these modules (the kernel calls none of them)."""
     global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
@@ -195,23 +156,24 @@ def _native_norm_silu(norm: SpatialNorm, x: Tensor, zq: Tensor, functions: Funct
     beta = group_norm.bias.detach().float().contiguous()
     cpu = {"dtype": torch.float32, "device": "cpu"}  # explicit: the C code's buffers, whatever the process defaults
     out = torch.empty(x.shape, dtype=torch.bfloat16, device="cpu", memory_format=torch.channels_last)
-    pool, threads = _threads()
+    pool, threads = _pool.threads()
     rows = height * width
     blocks = -(-rows // BLOCK_ROWS)
     block_sums = torch.empty(blocks, 2 * channels, **cpu)  # per block of rows: the same statistics for any threads
     scale, shift = torch.empty(channels, **cpu), torch.empty(channels, **cpu)
-    block_ranges, height_ranges = _split(blocks, min(threads, blocks)), _split(height, min(threads, height))
+    block_ranges = _pool.split(blocks, min(threads, blocks))
+    height_ranges = _pool.split(height, min(threads, height))
     for image in range(batch):
         xi, oi = x[image], out[image]
         k = _mean_estimate(xi.permute(1, 2, 0).view(rows, channels))  # [H, W, C] memory -> [rows, C]
-        _run(pool, [partial(sums, xi.data_ptr(), k.data_ptr(), channels, rows, *r, block_sums.data_ptr())
+        _pool.run(pool, [partial(sums, xi.data_ptr(), k.data_ptr(), channels, rows, *r, block_sums.data_ptr())
                     for r in block_ranges])
         functions["affine"](block_sums.data_ptr(), blocks, k.data_ptr(), channels, group_norm.num_groups, rows,
                             float(group_norm.eps), gamma.data_ptr(), beta.data_ptr(), scale.data_ptr(),
                             shift.data_ptr())
         maps = (xi.data_ptr(), oi.data_ptr(), scale.data_ptr(), shift.data_ptr(), y[image].data_ptr(),
                 b[image].data_ptr())
-        _run(pool, [partial(apply, *maps, channels, width, *r, sh, sw, w) for r in height_ranges])
+        _pool.run(pool, [partial(apply, *maps, channels, width, *r, sh, sw, w) for r in height_ranges])
     return out
 
 

@@ -62,12 +62,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    def rotate(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """The rotated queries and keys ``[B, L, 2, H, hd]`` of ``qkv [B, L, 3, H, hd]``, both together (one set of
+        element-wise passes), in float32; ``rope`` = ``(cos, sin)``, each ``[L, 1, hd]``."""
+        cos, sin = rope
+        return apply_rotary(qkv[:, :, :2], (cos.unsqueeze(1), sin.unsqueeze(1)))
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attn_mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # [B, L, 3, H, hd]
-        if rope is not None:  # rotate q and k together: one set of element-wise passes for both
-            cos, sin = rotary_cos_sin(rope) if torch.is_tensor(rope) else rope  # [L, 1, hd]
-            q, k = apply_rotary(qkv[:, :, :2], (cos.unsqueeze(1), sin.unsqueeze(1))).unbind(2)  # 2 x [B, L, H, hd]
+        if rope is not None:
+            q, k = self.rotate(qkv, rotary_cos_sin(rope) if torch.is_tensor(rope) else rope).unbind(2)  # [B, L, H, hd]
         else:
             q, k = qkv[:, :, 0], qkv[:, :, 1]
         v = qkv[:, :, 2]
