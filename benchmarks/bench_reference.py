@@ -162,7 +162,8 @@ def worker(args: argparse.Namespace) -> None:
     plan = getattr(model, "inference_plan", None)
     kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
     print_result({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
-                  "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm)})
+                  "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm),
+                  "native_rope": bool(plan and plan.native_rope)})
 
 
 def make_weights(args: argparse.Namespace) -> None:

@@ -9,10 +9,11 @@ this returns ``None``:
 * the build fails (logged once per process, with the compiler's message), or the library fails its self-check.
 
 Build: ``$CC -O3 -march=native -fPIC -shared`` (plus ``-mprefer-vector-width=512`` on x86) and the value-safe subset
-of fast-math that vectorisation needs (``-fno-math-errno -fno-trapping-math -ffinite-math-only -fno-signed-zeros``);
-never ``-ffast-math``, which would link code that changes the whole process's denormal handling. Cache: a file per
-(source, flags, compiler version, CPU model and flags) under ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok``
-(default ``~/.cache/dualvitok``), in ``native/``; it is written into a fresh temporary folder there and renamed, so
+of fast-math that vectorisation needs (``-fno-math-errno -fno-trapping-math -ffinite-math-only -fno-signed-zeros``;
+the last two not for the sources of :data:`VALUE_EXACT`); never ``-ffast-math``, which would link code that
+changes the whole process's denormal handling. Cache: a file per (source, flags, compiler version, CPU model and
+flags) under ``$DUALVITOK_CACHE`` or ``$XDG_CACHE_HOME/dualvitok`` (default ``~/.cache/dualvitok``), in ``native/``;
+it is written into a fresh temporary folder there and renamed, so
 concurrent processes (ranks of one job) never load a partial file. The library loaded is the one built from the
 source shipped with this package: the cache folder is made private (0700), and a folder or library that is a
 symlink, another user's or writable by others is refused (loading a library runs its code).
@@ -58,8 +59,15 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _flags() -> list[str]:
-    flags = list(FLAGS)
+VALUE_EXACT = ("rope",)
+"""Sources whose results must be PyTorch's bit for bit: built without ``-ffinite-math-only`` and
+``-fno-signed-zeros``, which would let the compiler rewrite signed zeros and non-finite values."""
+
+_VALUE_CHANGING = ("-ffinite-math-only", "-fno-signed-zeros")
+
+
+def _flags(name: str) -> list[str]:
+    flags = [f for f in FLAGS if name not in VALUE_EXACT or f not in _VALUE_CHANGING]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=512")
     return flags
@@ -120,7 +128,7 @@ def build(name: str) -> Path | None:
         logger.warning("native kernel %s: %r --version failed; PyTorch operators are used instead", name,
                        " ".join(compiler))
         return None
-    flags = _flags()
+    flags = _flags(name)
     key = hashlib.sha256("\0".join([source.read_text(), " ".join(compiler), " ".join(flags), version,
                                      _cpu_identity()]).encode())
     folder = cache_dir()

@@ -7,9 +7,13 @@
    apply_rotary): one pass that reads the bf16 heads straight from the fused qkv projection's output and writes the
    rotated bf16 queries and keys, instead of a float32 copy, three products, a subtraction, an addition and a copy
    back. The arithmetic is the same: each product is rounded to float32, then the sum or difference, then the result
-   to bf16 (round to nearest even; NaN to PyTorch's 0x7FC0), so the values are PyTorch's bit for bit. No fused
-   multiply-add: the library is built with -std=c11 (GCC contracts nothing there) and the pragma below asks the same
-   of other compilers.
+   to bf16 (round to nearest even, subnormals kept), so finite values are PyTorch's bit for bit; a NaN stays a NaN
+   (0x7FC0 here, where PyTorch's vectorised conversion writes 0xFFFF). No fused multiply-add: the library is built
+   with -std=c11 (GCC contracts nothing there) and the pragma below asks the same of other compilers; and without
+   -ffinite-math-only and -fno-signed-zeros (dualvitok/_native/__init__.py's VALUE_EXACT), so the compiler keeps
+   signed zeros and non-finite values as IEEE arithmetic gives them. Subnormals are kept whatever
+   torch.set_flush_denormal says (the pool's threads have their own floating-point state): with flushing on, values
+   within 2^-126 of zero can differ from PyTorch's.
 
    Layout: a row is one token of one image; qkv holds, per row, 3 * heads * d bf16 values ([3, heads, d]: queries,
    keys, values) at a stride of in_stride elements; out holds per row the rotated [2, heads, d] (queries, keys) at
@@ -29,10 +33,10 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as c10::BFloat16 (NaN: 0x7FC0) */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) /* integer test: kept under -ffinite-math-only */
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) /* NaN (an integer test) */
         return 0x7FC0u;
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);

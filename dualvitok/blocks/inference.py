@@ -195,6 +195,7 @@ class InferenceVisionAttention(InferenceVariant, VisionAttention):
     and it applies (:func:`dualvitok.blocks.native_rope.rotate_queries_keys`: the same values as the plain block)."""
 
     def rotate(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """``[B, L, 3, H, hd] -> [B, L, 2, H, hd]``: the rotated queries and keys, as the plain block's."""
         return rotate_queries_keys(qkv, rope, native=self.native_rope)
 
 

@@ -1,13 +1,18 @@
 """The vision tower's 2D RoPE on bf16 queries and keys with a native CPU kernel, bit for bit PyTorch's values.
 
+Follows RoFormer (Su et al., 2021, arXiv 2104.09864) as the Qwen2-VL vision tower applies it (Wang et al., 2024,
+arXiv 2409.12191; ``apply_rotary_pos_emb_vision`` in transformers' ``modeling_qwen2_vl.py``), through
+:func:`~dualvitok.blocks.rope.apply_rotary`; what differs is only how it is computed (below).
+
 Each block of the Qwen2-VL tower rotates its queries and keys in float32 (:func:`~dualvitok.blocks.rope.apply_rotary`):
 on CPU in bf16 that is a float32 copy of the fused qkv projection's queries and keys, three products, a subtraction,
 an addition and a copy back to bf16, seven passes that took about 11% of a block's time on the fast path (released
 architecture, 256x256, batch 1, Intel Xeon with AMX; more at batch 8, where the maps leave the caches).
 :func:`rotate_queries_keys` runs the compiled kernel of ``dualvitok/_native/rope.c`` instead where it is available:
 one pass from the qkv output to the rotated bf16 queries and keys, split over PyTorch's thread count. It computes the
-same float32 products, sums and bf16 rounding as PyTorch's operators, so its output is theirs bit for bit
-(``tests/blocks/test_native_rope.py``) and tokens do not depend on whether it runs. Elsewhere (autograd on, tracing,
+same float32 products, sums and bf16 rounding as PyTorch's operators, so its finite outputs are theirs bit for bit
+(``tests/blocks/test_native_rope.py``; a NaN stays a NaN, with other bits) and tokens do not depend on whether it
+runs. Elsewhere (autograd on, tracing,
 other devices, dtypes or layouts, no C compiler) it runs :func:`~dualvitok.blocks.rope.apply_rotary`.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -38,6 +44,16 @@ than it saves; 2,592 tokens 1.8 ms and 1.1 ms, Intel Xeon with AMX)."""
 _lock = threading.Lock()  # guards _function
 _function: Callable[..., None] | None = None
 _loaded = False  # _function is final (None: unavailable)
+
+
+def _new_lock_after_fork() -> None:
+    """A forked child may have been forked while another thread held the lock (building the kernel): a fresh one."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _library_function() -> Callable[..., None] | None:
@@ -70,8 +86,10 @@ def _rope(height: int, width: int, head_dim: int) -> tuple[Tensor, Tensor]:
 def _self_check(function: Callable[..., None]) -> bool:
     """The kernel against PyTorch's operators on a small input (a miscompiled build is not used): bit for bit."""
     generator = torch.Generator().manual_seed(0)
-    cos, sin = _rope(18, 18, 80)  # the released tower at 256x256 (the 16 lanes and a masked remainder): large
-    qkv = (torch.randn(1, 324, 3, 16, 80, generator=generator) * 4).bfloat16()  # enough to catch a contraction
+    # the released tower at 256x256 (the 16 lanes and a masked remainder): enough products (830 k) that a build
+    # contracting them into fused multiply-adds shows a difference (tests/blocks/test_native_rope.py)
+    cos, sin = _rope(18, 18, 80)
+    qkv = (torch.randn(1, 324, 3, 16, 80, generator=generator) * 4).bfloat16()
     got = _native_rotate(qkv, cos, sin, function)
     want = apply_rotary(qkv[:, :, :2], (cos.unsqueeze(1), sin.unsqueeze(1)))
     if got is None or not torch.equal(got.view(torch.int16), want.view(torch.int16)):
@@ -135,7 +153,9 @@ _choices: dict[tuple, bool] = {}  # (heads, head_dim, tokens, ISA, threads) -> m
 def native_rope_pays(heads: int, head_dim: int, grid: int = 18, rounds: int = 5) -> bool:
     """Whether the native kernel is faster than PyTorch's operators on this CPU for ``heads`` heads of ``head_dim``
     on a ``grid x grid`` patch grid (the tower's at 256x256; batch 1): a one-time measured choice (milliseconds,
-    cached per process); ``False`` where the kernel is unavailable."""
+    cached per process); ``False`` where the kernel is unavailable. The plan measures it at the vision tower's
+    heads and applies it to every bf16 vision block of the model (the tower's are nearly all of the work; the
+    semantic decoder's have the released tower's width and heads too)."""
     if not native_available():
         return False
     key = (heads, head_dim, grid, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())

@@ -63,8 +63,9 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def rotate(self, qkv: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """The rotated queries and keys ``[B, L, 2, H, hd]`` of ``qkv [B, L, 3, H, hd]``, both together (one set of
-        element-wise passes), in float32; ``rope`` = ``(cos, sin)``, each ``[L, 1, hd]``."""
+        """The rotated queries and keys ``[B, L, 2, H, hd]`` of ``qkv [B, L, 3, H, hd]`` in ``qkv``'s dtype, both
+        together (one set of element-wise passes, float32 arithmetic); ``rope`` = ``(cos, sin)``, each
+        ``[L, 1, hd]``."""
         cos, sin = rope
         return apply_rotary(qkv[:, :, :2], (cos.unsqueeze(1), sin.unsqueeze(1)))
 

@@ -67,19 +67,91 @@ def test_kernel_equals_pytorch_bit_for_bit(calls, batch, height, width, heads, h
 
 @needs_native
 def test_kernel_values_at_the_edges_of_bf16():
-    """Tiny, subnormal, huge and signed-zero inputs round as PyTorch rounds them; NaN stays NaN."""
-    rope = native_rope._rope(2, 2, 8)
-    qkv = _qkv(1, 4, 1, 8)
-    special = torch.tensor([1e-39, -3e-40, 1e-45, 3.3e38, -3.3e38, 0.0, -0.0, float("inf")])
-    qkv[0, 0, 0, 0] = special.bfloat16()
-    qkv[0, 1, 1, 0] = (special * 1e-3).bfloat16()
-    qkv[0, 2, 0, 0, 3] = float("nan")
+    """Tiny, subnormal, huge and signed-zero inputs round as PyTorch rounds them, in full 16-lane vectors and in the
+    masked remainder, at tokens with non-zero angles; NaN stays NaN."""
+    rope = native_rope._rope(4, 4, 36)  # halves of 18: 16 lanes + a remainder of 2
+    qkv = _qkv(1, 16, 2, 36)
+    special = torch.tensor([1e-39, -3e-40, 1e-45, 3.3e38, -3.3e38, 0.0, -0.0, float("inf"), -float("inf"),
+                            1.2e-38, -5e-39, 2e-38]).bfloat16()
+    for token in (3, 12, 15):  # rows and columns > 0 (2x2-merge order): neither cos = 1 nor sin = 0
+        qkv[0, token, 0, 0, :12] = special  # a full vector of the first half ...
+        qkv[0, token, 0, 0, 18:30] = special.flip(0) * (token / 7)  # ... and its partners: tiny and huge results
+        qkv[0, token, 1, 1, 18:30] = special * (token / 7)  # the second half of a key head
+        qkv[0, token, 0, 1, 16:18] = special[:2]  # the remainder lanes of the first half
+        qkv[0, token, 1, 0, 34:36] = special[3:5]  # the remainder lanes of the second half
+    qkv[0, 6, 0, 0, 3] = float("nan")
+    assert all(rope[1][t].abs().min() > 0 for t in (3, 12, 15))
     with torch.inference_mode():
         got = native_rope.rotate_queries_keys(qkv, rope, native=True)
     want = _pytorch(qkv, rope)
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan) and nan.any()
+    assert want.isinf().any() and (want[~nan].abs() < 1e-37).any()  # the extremes reached the outputs
     assert torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_kernel_works_in_a_forked_child(monkeypatch):
+    """After a fork the child starts its own pool threads and lock, and the kernel still gives PyTorch's values."""
+    import os
+    import select
+    import signal
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a pool of 2 in the parent and in the child
+    monkeypatch.setattr(native_rope, "MIN_ROWS_PER_THREAD", 1)  # so that the pool's thread takes rows
+    rope = native_rope._rope(6, 6, 16)
+    qkv = _qkv(2, 36, 2, 16)
+    want = _bits(_pytorch(qkv, rope))
+    with torch.inference_mode():
+        native_rope.rotate_queries_keys(qkv, rope, native=True)  # the parent's pool and its threads exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, report, exit without pytest's teardown
+        try:
+            torch.set_num_threads(1)  # PyTorch's own OpenMP threads are not fork-safe; the kernel's pool must be
+            with torch.inference_mode():
+                got = native_rope.rotate_queries_keys(qkv, rope, native=True)
+            os.write(write, b"1" if torch.equal(_bits(got), want) else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        answer = os.read(read, 1) if ready else b"timeout"
+    finally:
+        os.close(read)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+    assert answer == b"1"
+
+
+@needs_native
+def test_the_self_check_catches_a_build_that_contracts_into_fused_multiply_adds(monkeypatch, tmp_path):
+    """With -ffp-contract=fast in GNU C mode, GCC (and clang, whatever the pragma) contract a * b - c * d into a
+    fused multiply-add where the CPU has one: such a build gives other bits, and its self-check must refuse it."""
+    from dualvitok import _native
+
+    monkeypatch.setenv("DUALVITOK_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", {})
+    flags = tuple(f for f in _native.FLAGS if f != "-std=c11")
+    monkeypatch.setattr(_native, "FLAGS", (*flags, "-std=gnu11", "-ffp-contract=fast"))
+    lib = _native.library("rope")
+    assert lib is not None
+    import ctypes
+
+    function = lib.dvt_rope_bf16
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes, function.restype = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64], None
+    rope = native_rope._rope(18, 18, 80)
+    qkv = _qkv(2, 324, 16, 80, seed=5)
+    got = native_rope._native_rotate(qkv, *rope, function)
+    if torch.equal(_bits(got), _bits(_pytorch(qkv, rope))):
+        pytest.skip("this compiler did not contract the products")
+    assert not native_rope._self_check(function)
 
 
 @needs_native
@@ -235,13 +307,21 @@ def test_fast_path_tokens_do_not_depend_on_the_kernel(tiny_model, cpu_like, call
     assert torch.equal(enc_on.semantic_target, enc_off.semantic_target)  # the tower's features, bit for bit
 
 
-@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler here")
-def test_kernel_builds_and_passes_its_self_check_where_there_is_a_compiler(monkeypatch):
+def test_kernel_builds_and_passes_its_self_check_where_there_is_a_compiler(monkeypatch, tmp_path):
     """With a compiler the kernel must be there: a build or a self-check that fails is an error, not a skip."""
+    import os
+    import shlex
+    import shutil
+
     from dualvitok import _native
 
     monkeypatch.delenv("DUALVITOK_NATIVE", raising=False)
-    monkeypatch.delenv("CC", raising=False)
-    if not _native.enabled():
-        pytest.skip("native kernels are not built on this platform")
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    if shutil.which(compiler[0]) is None or not _native.enabled():
+        pytest.skip("no C compiler here, or native kernels are not built on this platform")
+    monkeypatch.setenv("DUALVITOK_CACHE", str(tmp_path))  # a fresh build, not the cached one
+    monkeypatch.setattr(_native, "_loaded", {})
+    monkeypatch.setattr(native_rope, "_loaded", False)
+    monkeypatch.setattr(native_rope, "_function", None)
     assert native_rope.native_available()
+    assert list(tmp_path.glob("native/rope-*"))
