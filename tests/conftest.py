@@ -184,3 +184,41 @@ def cpu_like(monkeypatch):
         monkeypatch.setattr(inference, "low_precision_speedup", lambda dtype: speedup)
 
     return set_cpu
+
+
+@pytest.fixture
+def forked_child():
+    """``forked_child(work) -> bool``: run ``work()`` (returning a bool) in a forked child with one PyTorch thread
+    (PyTorch's own OpenMP threads are not fork-safe; the native kernels' pool must be) and return its answer; a child
+    that hangs for 30 s or dies counts as ``False``. Skips where there is no ``os.fork``."""
+    import os
+    import select
+    import signal
+
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+
+    def run(work) -> bool:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: compute, report, exit without pytest's teardown
+            try:
+                torch.set_num_threads(1)
+                with torch.inference_mode():
+                    os.write(write, b"1" if work() else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            ready, _, _ = select.select([read], [], [], 30)
+            answer = os.read(read, 1) if ready else b"timeout"
+        finally:
+            os.close(read)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        return answer == b"1"
+
+    return run

@@ -91,13 +91,8 @@ def test_kernel_values_at_the_edges_of_bf16():
 
 
 @needs_native
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_kernel_works_in_a_forked_child(monkeypatch):
+def test_kernel_works_in_a_forked_child(monkeypatch, forked_child):
     """After a fork the child starts its own pool threads and lock, and the kernel still gives PyTorch's values."""
-    import os
-    import select
-    import signal
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a pool of 2 in the parent and in the child
     monkeypatch.setattr(native_rope, "MIN_ROWS_PER_THREAD", 1)  # so that the pool's thread takes rows
     rope = native_rope._rope(6, 6, 16)
@@ -105,28 +100,7 @@ def test_kernel_works_in_a_forked_child(monkeypatch):
     want = _bits(_pytorch(qkv, rope))
     with torch.inference_mode():
         native_rope.rotate_queries_keys(qkv, rope, native=True)  # the parent's pool and its threads exist now
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: compute, report, exit without pytest's teardown
-        try:
-            torch.set_num_threads(1)  # PyTorch's own OpenMP threads are not fork-safe; the kernel's pool must be
-            with torch.inference_mode():
-                got = native_rope.rotate_queries_keys(qkv, rope, native=True)
-            os.write(write, b"1" if torch.equal(_bits(got), want) else b"0")
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        ready, _, _ = select.select([read], [], [], 30)
-        answer = os.read(read, 1) if ready else b"timeout"
-    finally:
-        os.close(read)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
-    assert answer == b"1"
+    assert forked_child(lambda: torch.equal(_bits(native_rope.rotate_queries_keys(qkv, rope, native=True)), want))
 
 
 @needs_native

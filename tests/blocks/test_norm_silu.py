@@ -294,40 +294,14 @@ def test_portable_loops_agree_with_the_avx512_ones(any_size, monkeypatch, tmp_pa
 
 
 @needs_native
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
-def test_kernel_works_in_a_forked_child(any_size, monkeypatch):
+def test_kernel_works_in_a_forked_child(any_size, monkeypatch, forked_child):
     """After a fork the child starts its own pool threads (the parent's do not exist there)."""
-    import os
-    import select
-    import signal
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # a pool of 2 in the parent and in the child
     norm = _norm(64)
     x, zq = _inputs(1, 64, 16, 16, (4, 4))
     with torch.inference_mode():
         parent = norm_silu.norm_silu(norm, x, zq, native=True)  # the pool and its threads exist now
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: compute, report, exit without pytest's teardown
-        try:
-            torch.set_num_threads(1)  # PyTorch's own OpenMP threads are not fork-safe; the kernel's pool must be
-            with torch.inference_mode():
-                child = norm_silu.norm_silu(norm, x, zq, native=True)
-            os.write(write, b"1" if torch.equal(child, parent) else b"0")
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        ready, _, _ = select.select([read], [], [], 30)
-        answer = os.read(read, 1) if ready else b"timeout"
-    finally:
-        os.close(read)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
-    assert answer == b"1"
+    assert forked_child(lambda: torch.equal(norm_silu.norm_silu(norm, x, zq, native=True), parent))
 
 
 @needs_native
