@@ -78,7 +78,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -284,6 +286,32 @@ KERNEL_CHOICES = tuple(KERNELS)
 """The plan's measured kernel choices (:class:`InferencePlan` fields), which :func:`use_kernels` sets."""
 
 
+@dataclass(frozen=True)
+class _NativeKernel:
+    module: ModuleType  # the kernel's module: native_available() says whether it built and passed its self-check here
+    description: str
+    without_it: str  # what running PyTorch's operators instead changes
+
+
+NATIVE_KERNELS = {
+    "native_norm": _NativeKernel(norm_silu, "the native GroupNorm + SiLU kernel",
+                                 "decoded images may differ from other processes' in the last bits; tokens do not"),
+    "native_rope": _NativeKernel(native_rope_kernel, "the native RoPE kernel", "the same values"),
+}
+"""The kernel choices of :data:`KERNEL_CHOICES` that are native kernels (built on first use; maybe unavailable)."""
+
+
+def _native_choice(name: str, asked: bool | None, pays: Callable[[], bool]) -> bool:
+    """The plan's choice for native kernel ``name``: ``asked`` (``True``) or the one-time measurement ``pays()``
+    (``None``), and never where the kernel is unavailable here (asked for: a warning)."""
+    kernel = NATIVE_KERNELS[name]
+    if asked and not kernel.module.native_available():
+        logger.warning("optimize_for_inference(%s=True): %s is unavailable here (logged at INFO: no C compiler, "
+                       "DUALVITOK_NATIVE=0; or a warning above); PyTorch's operators run instead", name,
+                       kernel.description)
+    return kernel.module.native_available() and (bool(asked) or pays())
+
+
 def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
@@ -295,14 +323,10 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
         raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
     for name, value in choices.items():
         value = bool(value)
-        if name == "native_norm" and value and not norm_silu.native_available():
-            logger.warning("use_kernels(native_norm=True): the native GroupNorm + SiLU kernel is unavailable in this "
-                           "process; PyTorch's operators run (decoded images may differ from other processes' in "
-                           "the last bits; tokens do not)")
-            value = False
-        if name == "native_rope" and value and not native_rope_kernel.native_available():
-            logger.warning("use_kernels(native_rope=True): the native RoPE kernel is unavailable in this process; "
-                           "PyTorch's operators run (the same values)")
+        if name in NATIVE_KERNELS and value and not NATIVE_KERNELS[name].module.native_available():
+            kernel = NATIVE_KERNELS[name]
+            logger.warning("use_kernels(%s=True): %s is unavailable in this process; PyTorch's operators run (%s)",
+                           name, kernel.description, kernel.without_it)
             value = False
         setattr(model.inference_plan, name, value)
         for module in model.modules():
@@ -458,21 +482,12 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
     if device_type == "cpu" and not compile and native_norm is not False and decoder_dtype == torch.bfloat16:
-        if native_norm and not norm_silu.native_available():
-            logger.warning("optimize_for_inference(native_norm=True): the native GroupNorm + SiLU kernel is "
-                           "unavailable here (logged at INFO: no C compiler, DUALVITOK_NATIVE=0; or a warning above); "
-                           "PyTorch's operators run instead")
-        plan.native_norm = norm_silu.native_available() and (
-            bool(native_norm) or norm_silu.native_norm_silu_pays(model.config.pixel_decoder.ch, decoder_dtype))
+        plan.native_norm = _native_choice("native_norm", native_norm, lambda: norm_silu.native_norm_silu_pays(
+            model.config.pixel_decoder.ch, decoder_dtype))
     if device_type == "cpu" and not compile and native_rope is not False and tower_weight.dtype == torch.bfloat16:
-        if native_rope and not native_rope_kernel.native_available():
-            logger.warning("optimize_for_inference(native_rope=True): the native RoPE kernel is unavailable here "
-                           "(logged at INFO: no C compiler, DUALVITOK_NATIVE=0; or a warning above); PyTorch's "
-                           "operators run instead")
         tower_config = model.config.semantic_encoder.semantic_encoder_config
-        plan.native_rope = native_rope_kernel.native_available() and (
-            bool(native_rope) or native_rope_kernel.native_rope_pays(
-                tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
+        plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
+            tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
     swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES})
     if compile:

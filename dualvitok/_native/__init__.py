@@ -32,6 +32,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,20 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errn
 """Compiler flags of every build (``-mprefer-vector-width=512`` is added on x86)."""
 
 _loaded: dict[str, ctypes.CDLL | None] = {}  # name -> library (None: unavailable), once per process
+
+lock = threading.Lock()
+"""Held by a kernel module while it loads and self-checks its library (:mod:`dualvitok.blocks.norm_silu`,
+:mod:`dualvitok.blocks.native_rope`), so each does it once; a fresh one in a forked child, which may have been forked
+while another thread held it."""
+
+
+def _new_lock_after_fork() -> None:
+    global lock
+    lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def enabled() -> bool:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -41,19 +39,9 @@ MIN_ROWS_PER_THREAD = 512
 tokens of a 256x256 image took 0.26 ms on one thread and 0.32 ms on two, handing work to a pool thread costing more
 than it saves; 2,592 tokens 1.8 ms and 1.1 ms, Intel Xeon with AMX)."""
 
-_lock = threading.Lock()  # guards _function
 _function: Callable[..., None] | None = None
 _loaded = False  # _function is final (None: unavailable)
 
-
-def _new_lock_after_fork() -> None:
-    """A forked child may have been forked while another thread held the lock (building the kernel): a fresh one."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def _library_function() -> Callable[..., None] | None:
@@ -62,7 +50,7 @@ def _library_function() -> Callable[..., None] | None:
     global _function, _loaded
     if _loaded:
         return _function
-    with _lock:
+    with _native.lock:  # guards _function
         if _loaded:
             return _function
         function = None

@@ -25,8 +25,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
-import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -52,18 +50,6 @@ fixed cost outweighs the saved passes. On an Intel Xeon with AMX (``benchmarks/b
 to ``[1, 768, 64, 64]`` (0.4-3 M elements) and 1.12-1.84x from ``[1, 384, 128, 128]`` (6 M) to
 ``[1, 384, 512, 512]``."""
 
-
-_lock = threading.Lock()  # guards _functions
-
-
-def _new_lock_after_fork() -> None:
-    """A forked child may have been forked while another thread held the lock (building the kernel): a fresh one."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
 Functions = dict[str, Callable[..., None]]
 """The kernel's ctypes functions by role (``"sums"``, ``"affine"``, ``"apply"``)."""
 
@@ -76,7 +62,7 @@ def _library_functions() -> Functions:
     global _functions
     if _functions is not None:
         return _functions
-    with _lock:
+    with _native.lock:  # guards _functions
         if _functions is not None:
             return _functions
         functions: Functions = {}
