@@ -17,7 +17,9 @@ Two inputs decide it:
   AVX-512-BF16, bf16 products ran at 0.57-0.65x of float32 (three runs; the probe 0.43x at 128 x 256 x 256, 0.6x
   at 256 x 512 x 512; 196 against 340 GFLOP/s at 2048 x 2048, 2 threads), and float16 on a CPU without AMX-FP16
   runs at about float32's speed; with AMX bf16 runs about 6x faster, and on an AMD EPYC with AVX-512-BF16 about
-  4x (bf16 GEMM peak ~1,000 against ~236 GFLOP/s).
+  4x (bf16 ~900 against ~210 GFLOP/s, 2 threads). That float32 baseline is ``torch.mm``, i.e. PyTorch's BLAS (MKL),
+  which on that AMD EPYC runs at under half oneDNN's float32 GEMM (~480 GFLOP/s; the float32 convolutions of the
+  fast path are oneDNN's): against oneDNN, bf16 is about 2x there, still above the threshold.
 * Under ``torchrun``, :func:`dualvitok.inference.agree_on_low_precision` gives every rank rank 0's measurement
   (:func:`use_low_precision_speedup`) before the stages are converted, so ranks on one kind of CPU convert the same
   stages even where the speedup is near the threshold.

@@ -115,6 +115,9 @@ class InferencePlan:
         pack_linear: the bf16 linear layers compute from prepacked weights (CPU plan only, where a one-time
             measurement on this CPU finds it at least as fast as ``F.linear``:
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
+        pack_float32: the float32 linear layers behind a bf16 vision tower (the semantic head's) compute from
+            prepacked weights with oneDNN's GEMM (CPU plan only, where a one-time measurement on this CPU finds it
+            at least as fast as ``F.linear``, i.e. PyTorch's BLAS, in float32).
         native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
             where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
@@ -139,6 +142,7 @@ class InferencePlan:
     channels_last: bool = True
     fuse_conv: bool = True
     pack_linear: bool = False
+    pack_float32: bool = False
     native_norm: bool = False
     native_rope: bool = False
     compiled: bool = False
@@ -315,7 +319,8 @@ def _native_choice(name: str, asked: bool | None, pays: Callable[[], bool]) -> b
 def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
-    ``native_norm=``: the native GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
+    ``pack_float32=``: the semantic head's float32 ones too, behind a bf16 tower only; ``native_norm=``: the native
+    GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
     another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` or
     ``native_rope=True`` where the kernel is unavailable (no C compiler) is recorded as ``False``, with a warning."""
     unknown = set(choices) - set(KERNEL_CHOICES)
@@ -328,12 +333,23 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
             logger.warning("use_kernels(%s=True): %s is unavailable in this process; PyTorch's operators run (%s)",
                            name, kernel.description, kernel.without_it)
             value = False
+        if name == "pack_float32" and value and model.inference_plan.stage_dtypes.get("vision tower") != "bfloat16":
+            logger.warning("use_kernels(pack_float32=True): this model's vision tower is not bf16, so its float32 "
+                           "linear layers keep PyTorch's BLAS (the float32 path's values)")
+            value = False
         setattr(model.inference_plan, name, value)
-        for module in model.modules():
+        # pack_float32 reaches only the semantic head: every other float32 layer keeps the float32 path's values
+        modules = _semantic_head_linears(model) if name == "pack_float32" else model.modules()
+        for module in modules:
             if isinstance(module, InferenceVariant):
                 setattr(module, name, value)
-                if name == "pack_linear" and isinstance(module, InferenceLinear):
+                if name in ("pack_linear", "pack_float32") and isinstance(module, InferenceLinear):
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
+
+
+def _semantic_head_linears(model: nn.Module) -> list[nn.Module]:
+    """The linear layers of the semantic head (the only ones ``pack_float32`` applies to)."""
+    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceLinear)]
 
 
 def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
@@ -388,7 +404,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
                            fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                           native_norm: bool | None = None, native_rope: bool | None = None,
+                           pack_float32: bool | None = None, native_norm: bool | None = None,
+                           native_rope: bool | None = None,
                            keep_freed_memory: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
@@ -409,6 +426,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             (``True``; a second copy of those weights, about 1.3 GB for the released tower), not (``False``), or
             measure once which is faster on this CPU (``None``, default;
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
+        pack_float32: CPU plan, where the vision tower runs in bf16: compute the float32 linear layers behind it
+            (the semantic head's) from prepacked weights with oneDNN's GEMM instead of PyTorch's BLAS (``True``;
+            other last bits, far below the bf16 tower's rounding), not (``False``), or measure once which is faster
+            on this CPU (``None``, default; :func:`dualvitok.blocks.packed.packed_linear_pays` in float32: about
+            2.7x on an AMD EPYC, whose MKL float32 GEMMs run at under half oneDNN's speed).
         native_norm: CPU plan: compute the MoVQ blocks' ``silu(norm(x))`` on large maps with the native kernel
             (``True``; built on first use with the system C compiler, :mod:`dualvitok.blocks.norm_silu`), not
             (``False``), or measure once which is faster on this CPU (``None``, default;
@@ -478,9 +500,17 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.fuse_conv = bool(fuse_conv)
     tower = _stages(model)[0]  # its GEMMs are the linear layers that count
     tower_weight = next(tower.entry.parameters())
-    if device_type == "cpu" and not compile and packed.can_pack(tower_weight) and pack_linear is not False:
+    if (device_type == "cpu" and not compile and tower_weight.dtype != torch.float32 and packed.can_pack(tower_weight)
+            and pack_linear is not False):  # float32 layers are pack_float32's (below)
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
+    head_weight = next(_stages(model)[1].entry.parameters())
+    if (device_type == "cpu" and not compile and pack_float32 is not False and tower_weight.dtype == torch.bfloat16
+            and head_weight.dtype == torch.float32 and packed.can_pack(head_weight)):
+        # one-time measured choice on this CPU, at the semantic head's width; only behind a bf16 tower, whose
+        # rounding moves the head's input far more than oneDNN's other last bits (a float32 plan stays BLAS's)
+        plan.pack_float32 = True if pack_float32 else packed.packed_linear_pays(model.config.semantic_encoder.embed_dim,
+                                                                                 torch.float32)
     if device_type == "cpu" and not compile and native_norm is not False and decoder_dtype == torch.bfloat16:
         plan.native_norm = _native_choice("native_norm", native_norm, lambda: norm_silu.native_norm_silu_pays(
             model.config.pixel_decoder.ch, decoder_dtype))
@@ -489,7 +519,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
             tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES})
+    swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name != "pack_float32"})
+    for linear in _semantic_head_linears(model):
+        linear.pack_float32 = plan.pack_float32
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
@@ -503,7 +535,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             "reload it (from_pretrained) and save that")
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
     kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
-               f"{'on' if plan.pack_linear else 'off'}, native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
+               f"{'on' if plan.pack_linear else 'off'} (float32 {'on' if plan.pack_float32 else 'off'}), "
+               f"native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
                f"native RoPE {'on' if plan.native_rope else 'off'}, "
                f"freed buffers kept for reuse (process-wide) "
                f"{'on' if plan.keep_freed_memory else 'off'}" if device_type == "cpu" else "")

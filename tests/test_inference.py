@@ -378,14 +378,15 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu
     monkeypatch.setattr(norm_silu, "native_available", lambda: True)
     monkeypatch.setattr(native_rope, "native_available", lambda: True)
     model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True,
-                                                             native_norm=True, native_rope=True)
+                                                             pack_float32=True, native_norm=True, native_rope=True)
     gathered = []
     plain = dict.fromkeys(inference.KERNEL_CHOICES, False)  # rank 0 uses the plain operators
     rank0 = {"kernels": plain, "stage_dtypes": dict(model.inference_plan.stage_dtypes)}
     monkeypatch.setattr(distributed, "all_gather_json", lambda obj: gathered.append(obj) or [rank0, obj])
     inference.agree_on_kernels(model)
     assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True, "native_rope": True,
-                                     "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16))},
+                                     "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
+                                     "pack_float32": packed.can_pack(torch.zeros(1))},
                          "stage_dtypes": model.inference_plan.stage_dtypes}]
     assert not any(getattr(model.inference_plan, name) for name in inference.KERNEL_CHOICES)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]

@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=nn.Module)
 
 
-KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "native_norm": False, "native_rope": False}
+KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "pack_float32": False, "native_norm": False,
+                            "native_rope": False}
 """The variants' kernel switches (see :class:`InferenceVariant`) and their defaults."""
 
 
@@ -65,6 +66,8 @@ class InferenceVariant(nn.Module):
     ``fuse_conv``: use the oneDNN convolution with an addition post-op (CPU only,
     :func:`dualvitok.blocks.fused.conv2d_add`); otherwise ``residual.add_(conv(x))``, plain operators only.
     ``pack_linear``: compute bf16 linear layers from prepacked weights (:mod:`dualvitok.blocks.packed`).
+    ``pack_float32``: compute float32 linear layers from prepacked weights too (oneDNN's GEMM instead of PyTorch's
+    BLAS: other last bits).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
@@ -73,6 +76,7 @@ class InferenceVariant(nn.Module):
 
     fuse_conv: bool = True
     pack_linear: bool = False
+    pack_float32: bool = False
     native_norm: bool = False
     native_rope: bool = False
 
@@ -101,7 +105,8 @@ class InferenceVariant(nn.Module):
 
 class InferenceLinear(InferenceVariant, nn.Linear):
     """:class:`torch.nn.Linear` computing from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is
-    set (:mod:`dualvitok.blocks.packed`); otherwise, and while autograd is on or ``torch.compile`` traces, the plain
+    set, or of its float32 weight where ``pack_float32`` is (:mod:`dualvitok.blocks.packed`); otherwise, and while
+    autograd is on or ``torch.compile`` traces, the plain
     ``F.linear``. Its input is not overwritten.
 
     The packed copy is made on the first call (sized for that call's rows) and made again when the weight or bias is
@@ -131,7 +136,8 @@ class InferenceLinear(InferenceVariant, nn.Linear):
         """``(packed weight_scale * weight, bias_scale * bias)``, made when missing or stale; ``None`` where the
         packed path does not apply."""
         weight = self.weight
-        if not (self.pack_linear and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
+        wanted = self.pack_float32 if weight.dtype == torch.float32 else self.pack_linear
+        if not (wanted and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
             return None
         stamp = self._stamp(weight_scale, bias_scale)
         if self._packed is None or self._packed[0] != stamp:
@@ -146,7 +152,7 @@ class InferenceLinear(InferenceVariant, nn.Linear):
 
     def _refuse(self, why: str) -> None:
         logger.warning("%s; using F.linear", why)
-        self.pack_linear, self._packed = False, None
+        self.pack_linear, self.pack_float32, self._packed = False, False, None
 
     def packed_call(self, x: Tensor, weight_scale: float = 1.0, bias_scale: float = 1.0,
                     activation: str = "none") -> Tensor | None:
@@ -302,7 +308,8 @@ def swap_inference_blocks(module: nn.Module, **kernels: bool) -> nn.Module:
         kernels: the variants' kernel switches (:data:`KERNELS`; the others take their defaults):
             ``fuse_conv`` lets them use the oneDNN fused convolution (CPU; ``False`` keeps to plain operators),
             ``pack_linear`` lets the bf16 linear layers compute from prepacked weights (CPU,
-            :mod:`dualvitok.blocks.packed`), ``native_norm`` lets the blocks compute ``silu(norm(x))`` with the
+            :mod:`dualvitok.blocks.packed`), ``pack_float32`` the float32 ones, ``native_norm`` lets the blocks
+            compute ``silu(norm(x))`` with the
             native CPU kernel (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate
             their queries and keys with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
     """

@@ -17,12 +17,19 @@ calling ``torch.ops.mkldnn._linear_pointwise`` on it made those GEMMs 1.1-1.8x f
 * Whether it pays is a one-time measurement on this CPU (:func:`packed_linear_pays`), not assumed: the AVX-512-BF16
   kernels of CPUs without AMX have another layout and cost.
 
-Only bf16 weights on CPU are packed (float32 ``F.linear`` goes to another library, whose sums differ from oneDNN's
-in the last bits, and the float32 stages decide indices). The operators are internal to PyTorch: where they are
-missing, disabled (``torch.backends.mkldnn.enabled``), fail a tiny probe on this CPU, under autocast, or refuse a
-weight or an input (the layer then logs it and stays with ``F.linear``), the plain ``F.linear`` runs.
+bf16 weights are packed where the plan's ``pack_linear`` says so. float32 ``F.linear`` goes to another library
+(PyTorch's BLAS, MKL in the PyPI builds), whose sums differ from oneDNN's in the last bits; on an AMD EPYC with
+AVX-512-BF16 it ran at about 210 GFLOP/s where oneDNN's float32 GEMM ran at about 480 (2 threads, 2048 x 2048),
+and the fast path's float32 semantic head (18 GEMMs on 81 rows at 256x256) spent about 10% of the encode in it.
+So float32 weights are packed too where the plan's ``pack_float32`` says so: only behind a bf16 vision tower,
+whose rounding already moves the semantic head's input by far more than those last bits, and only where a one-time
+measurement finds oneDNN faster (:func:`packed_linear_pays` in float32).
 
-The plan measures the choice once, at the vision tower's width, and applies it to every bf16 linear layer of the
+The operators are internal to PyTorch: where they are missing, disabled (``torch.backends.mkldnn.enabled``), fail a
+tiny probe on this CPU, under autocast, or refuse a weight or an input (the layer then logs it and stays with
+``F.linear``), the plain ``F.linear`` runs.
+
+The plan measures the bf16 choice once, at the vision tower's width, and applies it to every bf16 linear layer of the
 model (the tower's are nearly all of their FLOPs).
 """
 
@@ -38,8 +45,8 @@ from .._utils.timing import measure_choice
 
 logger = logging.getLogger(__name__)
 
-PACKED_DTYPES = (torch.bfloat16,)
-"""Weight dtypes that are packed (see the module docstring)."""
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+"""Weight dtypes that can be packed (see the module docstring)."""
 
 
 _works: dict[torch.dtype, bool] = {}  # dtype -> the operators ran on a tiny weight in this process
@@ -63,8 +70,8 @@ def _operators_work(dtype: torch.dtype) -> bool:
 
 
 def can_pack(weight: Tensor) -> bool:
-    """Whether weights like ``weight`` (its dtype and device) can be packed here: bf16 on CPU, with oneDNN enabled
-    and its operators running on this CPU."""
+    """Whether weights like ``weight`` (its dtype and device) can be packed here: bf16 or float32 on CPU, with
+    oneDNN enabled and its operators running on this CPU."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in PACKED_DTYPES

@@ -82,7 +82,7 @@ def test_inference_linear_is_plain_with_autograd_float32_or_when_off(monkeypatch
     fast = swap_inference_blocks(copy.deepcopy(layer), pack_linear=True)
     x = torch.randn(4, 32)
     with torch.inference_mode():
-        assert torch.equal(fast(x), layer(x))  # float32 weights are never packed
+        assert torch.equal(fast(x), layer(x))  # float32 weights are packed only with pack_float32
     bf16 = swap_inference_blocks(_linear(32, 48), pack_linear=True).requires_grad_(True)
     xb = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
     bf16(xb).sum().backward()  # autograd on: the plain operator, with gradients
@@ -135,7 +135,7 @@ def test_packing_is_refused_where_onednn_is_off(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert not packed.can_pack(torch.zeros(2, 2, dtype=torch.bfloat16))
     assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False
-    assert not packed.can_pack(torch.zeros(2, 2))  # float32 is never packed
+    assert not packed.can_pack(torch.zeros(2, 2))  # nor float32
 
 
 @pytest.mark.parametrize("measured", [True, False])
@@ -263,3 +263,55 @@ def test_vision_mlp_is_plain_without_packing_or_quick_gelu(monkeypatch):
     with torch.inference_mode():
         gelu(x)
     assert "swish" not in calls
+
+
+PACKS_FLOAT32 = packed.can_pack(torch.zeros(1))
+
+
+@pytest.mark.skipif(not PACKS_FLOAT32, reason="oneDNN's float32 packing operators do not run on this build or CPU")
+def test_float32_layers_compute_from_packed_weights_with_pack_float32(monkeypatch):
+    """pack_float32: a float32 InferenceLinear computes with oneDNN's packed GEMM (the packed path runs), within
+    float32 rounding of F.linear (another library's sums), and a float64 reference bounds both alike."""
+    calls = []
+    real = packed.packed_linear
+    monkeypatch.setattr(packed, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = _linear(96, 160, dtype=torch.float32)
+    fast = swap_inference_blocks(copy.deepcopy(layer), pack_float32=True)
+    x = torch.randn(2, 37, 96)
+    with torch.inference_mode():
+        out, plain = fast(x), layer(x)
+    assert calls and out.shape == plain.shape == (2, 37, 160) and out.dtype == torch.float32
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    mass = F.linear(x.double().abs(), layer.weight.double().abs(), layer.bias.double().abs())
+    bound = 96 * 2**-24 * mass + 1e-12  # float32 accumulation of 96 terms, any order
+    assert ((out - exact).abs() <= bound).all() and ((plain - exact).abs() <= bound).all()
+
+
+def test_plan_packs_float32_only_in_the_semantic_head_behind_a_bf16_tower(tiny_model, monkeypatch, caplog,
+                                                                           cpu_like):
+    """The float32 choice is measured once at the semantic head's width where the tower is bf16; only the head's
+    linear layers follow it (the quantizers' and any other float32 layer keep the float32 path's values); a float32
+    plan never measures it, and use_kernels refuses it there."""
+    asked = []
+    cpu_like("amx")
+    monkeypatch.setattr(packed, "can_pack", lambda weight: True)
+    monkeypatch.setattr(packed, "packed_linear_pays", lambda width, dtype: asked.append((width, dtype)) or True)
+    fast = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu")
+    head_width = tiny_model.config.semantic_encoder.embed_dim
+    tower_width = tiny_model.config.semantic_encoder.semantic_encoder_config.embed_dim
+    assert asked == [(tower_width, torch.bfloat16), (head_width, torch.float32)]
+    assert fast.inference_plan.pack_float32
+    head = {id(m) for m in inference._semantic_head_linears(fast)}
+    linears = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
+    assert head and all(m.pack_float32 is (id(m) in head) for m in linears)
+    assert all(m.weight.dtype == torch.float32 for m in linears if id(m) in head)
+    off = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", pack_float32=False)
+    assert not off.inference_plan.pack_float32 and len(asked) == 3  # told: only the bf16 choice measured
+    plain32 = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", dtype=None)
+    assert not plain32.inference_plan.pack_float32 and len(asked) == 3  # float32 tower: not measured
+    with caplog.at_level(logging.WARNING, logger="dualvitok.inference"):
+        inference.use_kernels(plain32, pack_float32=True)
+    assert "vision tower is not bf16" in caplog.text and not plain32.inference_plan.pack_float32
+    assert not any(m.pack_float32 for m in plain32.modules() if isinstance(m, InferenceLinear))
+    inference.use_kernels(fast, pack_float32=False)
+    assert not any(m.pack_float32 for m in fast.modules() if isinstance(m, InferenceLinear))
