@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .devices import reproducible_cpu_blas
+
+    reproducible_cpu_blas()  # before any float32 product: the same tokens for an image in every process
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or ("debug" if args.verbose else "warning" if args.quiet else "info")

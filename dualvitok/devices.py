@@ -7,6 +7,7 @@ Ascend drivers importing it breaks ``import torch``, so it is never imported oth
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -103,4 +104,21 @@ def keep_freed_cpu_memory(threshold: int = 1 << 30) -> bool:
                     "set" if trim_set else "refused")
         return False
     log.info("keep_freed_cpu_memory: buffers up to %d bytes come from the heap and are kept when freed", threshold)
+    return True
+
+
+def reproducible_cpu_blas() -> bool:
+    """Ask MKL for float32 results that do not depend on the operands' memory alignment, for this process: sets
+    ``MKL_CBWR=AUTO`` (MKL's conditional numerical reproducibility, same code path as without it) unless
+    ``MKL_CBWR`` is set already; returns whether it set it.
+
+    PyTorch's float32 ``torch.mm`` / ``F.linear`` on CPU are MKL's in the PyPI builds, and without this MKL may
+    round the same product differently in other buffers (its documentation: without CNR, results can depend on the
+    data's memory alignment): on an AMD EPYC two copies of one model (one loaded from safetensors) gave outputs
+    differing in the last bits, so an image could get other tokens (near ties) in another process. MKL reads the
+    setting at its first call: call this before any float32 matrix product (the ``dualvitok`` command does, first
+    thing); afterwards it has no effect."""
+    if os.environ.get("MKL_CBWR"):
+        return False
+    os.environ["MKL_CBWR"] = "AUTO"
     return True

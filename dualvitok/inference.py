@@ -30,15 +30,17 @@ key:
   ``DualViTok.encode``/``decode`` contain no dtype or layout code, and every output is float32.
 
 **Device plans.** On CPU: bf16 as above, channels_last, oneDNN-fused additions where a one-time measurement on this
-CPU finds them about as fast as the separate operators or faster (:func:`dualvitok.blocks.fused.fused_conv_add_pays`),
-the bf16 linear layers (the vision tower's GEMMs) computing from prepacked weights where another one-time
-measurement finds that faster than ``F.linear`` (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy
-of those weights), and the decoder's ``silu(SpatialNorm(x, zq))`` as a native kernel
+CPU finds them about as fast as the separate operators or faster
+(:func:`dualvitok.blocks.fused.fused_conv_add_pays`), the bf16 linear layers (the vision tower's GEMMs) computing
+from prepacked weights where another one-time measurement finds that faster than ``F.linear``
+(:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy of those weights), behind a bf16 tower the
+float32 semantic head's linear layers the same way where a measurement in float32 finds oneDNN faster than PyTorch's
+BLAS (``pack_float32``), and the decoder's ``silu(SpatialNorm(x, zq))`` as a native kernel
 (:mod:`dualvitok.blocks.norm_silu`, built on first use with the system C compiler) where a third one finds it faster
-(:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`), and the bf16 vision blocks' RoPE as another native kernel
-(:mod:`dualvitok.blocks.native_rope`, PyTorch's values bit for bit) where a fourth one does
-(:func:`dualvitok.blocks.native_rope.native_rope_pays`). Under ``torchrun``, ``dualvitok encode`` and
-``dualvitok evaluate`` make every rank take rank 0's choices (:func:`agree_on_kernels`).
+(:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`), and the bf16 vision blocks' RoPE as another native
+kernel (:mod:`dualvitok.blocks.native_rope`, PyTorch's values bit for bit) where a fourth one does
+(:func:`dualvitok.blocks.native_rope.native_rope_pays`). Under ``torchrun``, ``dualvitok encode`` and ``dualvitok
+evaluate`` make every rank take rank 0's choices (:func:`agree_on_kernels`).
 On CUDA and other accelerators: bf16 weights, channels_last, in-place variants with plain operators (never the
 oneDNN operator), attention through ``F.scaled_dot_product_attention`` (every attention of the model already uses
 it, so the flash / memory-efficient kernels apply), and with ``compile=True`` the stages are also compiled with

@@ -13,8 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# MKL's float32 GEMMs (torch.mm / F.linear) may round differently in other buffers unless MKL_CBWR is set (seen on
+# an AMD EPYC: two copies of one model gave other last bits); MKL reads it at its first call, so before any test
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

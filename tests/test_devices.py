@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -65,3 +66,24 @@ def test_keep_freed_cpu_memory_serves_large_buffers_from_the_heap():
     if applied != "True":
         pytest.skip("this C library refuses mallopt")
     assert tuned_mmapped < 64 << 20, tuned_mmapped
+
+
+def test_reproducible_cpu_blas_sets_mkl_cbwr_only_when_unset(monkeypatch):
+    from dualvitok.devices import reproducible_cpu_blas
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    assert reproducible_cpu_blas() is True and os.environ["MKL_CBWR"] == "AUTO"
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert reproducible_cpu_blas() is False and os.environ["MKL_CBWR"] == "COMPATIBLE"  # the user's choice stays
+
+
+def test_the_command_asks_for_reproducible_blas_first(monkeypatch):
+    from dualvitok import cli, devices
+
+    calls = []
+    monkeypatch.setattr(devices, "reproducible_cpu_blas", lambda: calls.append("blas") or True)
+    real = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parser") or real())
+    assert cli.main([]) == 0  # no command: the help
+    assert calls == ["blas", "parser"]
+
