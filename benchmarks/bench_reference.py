@@ -28,7 +28,7 @@ The reference's environment (it needs transformers 4.46.3 and huggingface_hub < 
     python -m venv refenv && refenv/bin/pip install torch==2.14.1 torchvision==0.29.1 transformers==4.46.3 \
         einops einx timm "huggingface_hub<1.0"
 
-or, to reuse this environment's torch, ``pip install --target REFSITE transformers==4.46.3 einx
+or, to reuse this environment's torch (and timm), ``pip install --target REFSITE transformers==4.46.3 einops einx
 "huggingface_hub<1.0" "tokenizers<0.21"`` and pass ``--reference-site REFSITE`` (put first on ``PYTHONPATH`` of the
 reference process only). The reference source is ``illume-unified-mllm/ILLUME_plus`` (``vision_tokenizer/``,
 ``configs/example/dualvitok/``); no file of it is edited.
@@ -163,7 +163,7 @@ def worker(args: argparse.Namespace) -> None:
     kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
     print_result({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
                   "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm),
-                  "native_rope": bool(plan and plan.native_rope)})
+                  "native_rope": bool(plan and plan.native_rope), "pack_float32": bool(plan and plan.pack_float32)})
 
 
 def make_weights(args: argparse.Namespace) -> None:
