@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._utils import atomic_write
-from .._utils.distributed import DistInfo, all_reduce_mean, init_distributed
+from .._utils.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_distributed
 from .._utils.locking import output_lock
 from ..configuration import DualViTokConfig
 from ..devices import resolve_device
@@ -142,8 +142,13 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the output-folder lock and the tracker (done at the end of :meth:`train`)."""
+        """Release the output-folder lock and the tracker, and leave the process group if this trainer joined it
+        (done at the end of :meth:`train`; a process that exits with a live gloo group can abort in its teardown,
+        "terminate called without an active exception", as a torchrun rank once did here)."""
         self._closer.close()
+        info = getattr(self, "dist", None)
+        if info is not None:
+            shutdown_distributed(info)
 
     def _setup(self) -> None:
         cfg = self.config
