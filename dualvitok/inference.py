@@ -500,13 +500,13 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)
     elif plan.fuse_conv:
         plan.fuse_conv = bool(fuse_conv)
-    tower = _stages(model)[0]  # its GEMMs are the linear layers that count
+    tower, head = _stages(model)[:2]  # the tower's GEMMs are the linear layers that count
     tower_weight = next(tower.entry.parameters())
     if (device_type == "cpu" and not compile and tower_weight.dtype != torch.float32 and packed.can_pack(tower_weight)
             and pack_linear is not False):  # float32 layers are pack_float32's (below)
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
-    head_weight = next(_stages(model)[1].entry.parameters())
+    head_weight = next(head.entry.parameters())
     if (device_type == "cpu" and not compile and pack_float32 is not False and tower_weight.dtype == torch.bfloat16
             and head_weight.dtype == torch.float32 and packed.can_pack(head_weight)):
         # one-time measured choice on this CPU, at the semantic head's width; only behind a bf16 tower, whose
@@ -521,14 +521,15 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
             tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
+    # pack_float32 reaches the semantic head only: use_kernels sets it there, below
     swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name != "pack_float32"})
-    for linear in _semantic_head_linears(model):
-        linear.pack_float32 = plan.pack_float32
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
             module.compile()
     model.inference_plan = plan
+    if plan.pack_float32:
+        use_kernels(model, pack_float32=True)
     if plan.low_precision:
         model._save_refusal = (
             "this model was prepared with optimize_for_inference(): its "
