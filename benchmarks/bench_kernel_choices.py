@@ -3,10 +3,11 @@
     python benchmarks/bench_kernel_choices.py                       # released widths, 5 repeats
     python benchmarks/bench_kernel_choices.py --repeats 9 --output benchmarks/results/kernel_choices_amd.md
 
-``optimize_for_inference()`` on CPU decides five things by timing them once per process
+``optimize_for_inference()`` on CPU decides seven things by timing them once per process
 (:mod:`dualvitok.inference`): bf16 itself (:func:`dualvitok.cpu.low_precision_speedup`), the oneDNN convolution with a
-fused residual addition (:func:`dualvitok.blocks.fused.fused_conv_add_pays`), prepacked linear weights
-(:func:`dualvitok.blocks.packed.packed_linear_pays`), the native GroupNorm + SiLU kernel
+fused residual addition (:func:`dualvitok.blocks.fused.fused_conv_add_pays`), prepacked linear weights in bf16 and
+for the float32 semantic head (:func:`dualvitok.blocks.packed.packed_linear_pays`), prepacked convolution weights
+(:func:`dualvitok.blocks.packed_conv.packed_conv_pays`), the native GroupNorm + SiLU kernel
 (:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`) and the native RoPE kernel
 (:func:`dualvitok.blocks.native_rope.native_rope_pays`). This runs each of them ``--repeats`` times at the released
 architecture's widths (its caches cleared in between), in a process with freed buffers kept for reuse as the plan
@@ -26,11 +27,12 @@ import torch
 from _common import emit_report, machine, table
 
 from dualvitok import cpu
-from dualvitok.blocks import fused, native_rope, norm_silu, packed
+from dualvitok.blocks import fused, native_rope, norm_silu, packed, packed_conv
 from dualvitok.devices import keep_freed_cpu_memory
 
-# released architecture (dualvitok_anyres_max512): pixel decoder base width, tower width, heads and head size
-DECODER_WIDTH, TOWER_WIDTH, TOWER_HEADS, TOWER_HEAD_DIM = 384, 1280, 16, 80
+# released architecture (dualvitok_anyres_max512): pixel decoder base and widest widths, tower width, heads and head
+# size, semantic head width
+DECODER_WIDTH, DECODER_WIDEST, TOWER_WIDTH, TOWER_HEADS, TOWER_HEAD_DIM, HEAD_WIDTH = 384, 1536, 1280, 16, 80, 1280
 
 
 class _Records(logging.Handler):
@@ -54,6 +56,10 @@ def _choices() -> dict:
                                          fused._fusion_choices.clear),
         "prepacked linear weights": (lambda: packed.packed_linear_pays(TOWER_WIDTH, torch.bfloat16),
                                      packed._choices.clear),
+        "prepacked float32 linear weights (semantic head)": (
+            lambda: packed.packed_linear_pays(HEAD_WIDTH, torch.float32), packed._choices.clear),
+        "prepacked convolution weights": (lambda: packed_conv.packed_conv_pays(DECODER_WIDEST, torch.bfloat16),
+                                          packed_conv._choices.clear),
         "native GroupNorm + SiLU": (lambda: norm_silu.native_norm_silu_pays(DECODER_WIDTH, torch.bfloat16),
                                     norm_silu._choices.clear),
         "native RoPE": (lambda: native_rope.native_rope_pays(TOWER_HEADS, TOWER_HEAD_DIM), native_rope._choices.clear),

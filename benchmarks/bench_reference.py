@@ -163,7 +163,8 @@ def worker(args: argparse.Namespace) -> None:
     kept = args.worker == "reference_kept" or bool(plan and plan.keep_freed_memory)
     print_result({"path": args.worker, "runs": results, "peak_rss": peak, "gemm_peaks": peaks,
                   "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm),
-                  "native_rope": bool(plan and plan.native_rope), "pack_float32": bool(plan and plan.pack_float32)})
+                  "native_rope": bool(plan and plan.native_rope), "pack_float32": bool(plan and plan.pack_float32),
+                  "pack_conv": bool(plan and plan.pack_conv)})
 
 
 def make_weights(args: argparse.Namespace) -> None:

@@ -87,9 +87,9 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .blocks import fused, norm_silu, packed
+from .blocks import fused, norm_silu, packed, packed_conv
 from .blocks import native_rope as native_rope_kernel
-from .blocks.inference import KERNELS, InferenceLinear, InferenceVariant, swap_inference_blocks
+from .blocks.inference import KERNELS, InferenceVariant, PackedCopy, swap_inference_blocks
 from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup, use_low_precision_speedup
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class InferencePlan:
         pack_float32: the float32 linear layers behind a bf16 vision tower (the semantic head's) compute from
             prepacked weights with oneDNN's GEMM (CPU plan only, where a one-time measurement on this CPU finds it
             at least as fast as ``F.linear``, i.e. PyTorch's BLAS, in float32).
+        pack_conv: the bf16 2D convolutions (the pixel decoder's) compute from prepacked weights (CPU plan with
+            channels_last only, where a one-time measurement on this CPU finds it at least as fast as ``F.conv2d``:
+            :func:`dualvitok.blocks.packed_conv.packed_conv_pays`; the same values).
         native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
             where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
@@ -145,6 +148,7 @@ class InferencePlan:
     fuse_conv: bool = True
     pack_linear: bool = False
     pack_float32: bool = False
+    pack_conv: bool = False
     native_norm: bool = False
     native_rope: bool = False
     compiled: bool = False
@@ -321,7 +325,8 @@ def _native_choice(name: str, asked: bool | None, pays: Callable[[], bool]) -> b
 def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
-    ``pack_float32=``: the semantic head's float32 ones too, behind a bf16 tower only; ``native_norm=``: the native
+    ``pack_float32=``: the semantic head's float32 ones too, behind a bf16 tower only; ``pack_conv=``: prepacked
+    bf16 convolution weights; ``native_norm=``: the native
     GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
     another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` or
     ``native_rope=True`` where the kernel is unavailable (no C compiler) is recorded as ``False``, with a warning."""
@@ -340,18 +345,30 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
                            "linear layers keep PyTorch's BLAS (the float32 path's values)")
             value = False
         setattr(model.inference_plan, name, value)
-        # pack_float32 reaches only the semantic head: every other float32 layer keeps the float32 path's values
-        modules = _semantic_head_linears(model) if name == "pack_float32" else model.modules()
-        for module in modules:
+        scope = _KERNEL_SCOPES.get(name)
+        for module in scope(model) if scope is not None else model.modules():
             if isinstance(module, InferenceVariant):
                 setattr(module, name, value)
-                if name in ("pack_linear", "pack_float32") and isinstance(module, InferenceLinear):
+                if isinstance(module, PackedCopy) and name in module.pack_switches:
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
 
 
 def _semantic_head_linears(model: nn.Module) -> list[nn.Module]:
     """The linear layers of the semantic head (the only ones ``pack_float32`` applies to)."""
-    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceLinear)]
+    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceVariant)
+            and isinstance(m, nn.Linear)]
+
+
+def _pixel_decoder_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of the pixel decoder branch (the only ones ``pack_conv`` applies to)."""
+    return list(model.pixel_decoder_branch.modules())
+
+
+_KERNEL_SCOPES: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
+    "pack_float32": _semantic_head_linears,  # every other float32 layer keeps the float32 path's values
+    "pack_conv": _pixel_decoder_modules,  # the encoders' convolutions, which decide the indices, stay plain
+}
+"""Kernel choices that reach only part of the model (the others reach every inference variant)."""
 
 
 def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
@@ -406,8 +423,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
                            exact_indices: bool | None = None, *, indices: str = "guarded",
                            device: str | torch.device | None = None, compile: bool = False,
                            fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                           pack_float32: bool | None = None, native_norm: bool | None = None,
-                           native_rope: bool | None = None,
+                           pack_float32: bool | None = None, pack_conv: bool | None = None,
+                           native_norm: bool | None = None, native_rope: bool | None = None,
                            keep_freed_memory: bool | None = None):
     """Prepare ``model`` (a :class:`~dualvitok.DualViTok`) for fast inference, in place; returns it.
 
@@ -433,6 +450,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             other last bits, far below the bf16 tower's rounding), not (``False``), or measure once which is faster
             on this CPU (``None``, default; :func:`dualvitok.blocks.packed.packed_linear_pays` in float32: about
             2.7x on an AMD EPYC, whose MKL float32 GEMMs run at under half oneDNN's speed).
+        pack_conv: CPU plan with channels_last: compute the bf16 2D convolutions (the pixel decoder's) from
+            prepacked weights (``True``; the same values, a second copy of those weights, about 0.95 GB for the
+            released decoder), not (``False``), or measure once which is faster on this CPU (``None``, default;
+            :func:`dualvitok.blocks.packed_conv.packed_conv_pays` at the decoder's widest level).
         native_norm: CPU plan: compute the MoVQ blocks' ``silu(norm(x))`` on large maps with the native kernel
             (``True``; built on first use with the system C compiler, :mod:`dualvitok.blocks.norm_silu`), not
             (``False``), or measure once which is faster on this CPU (``None``, default;
@@ -513,6 +534,12 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # rounding moves the head's input far more than oneDNN's other last bits (a float32 plan stays BLAS's)
         plan.pack_float32 = True if pack_float32 else packed.packed_linear_pays(model.config.semantic_encoder.embed_dim,
                                                                                  torch.float32)
+    decoder_conv = next(m for m in model.pixel_decoder.modules() if isinstance(m, nn.Conv2d))
+    if (device_type == "cpu" and not compile and channels_last and pack_conv is not False
+            and packed_conv.can_pack_conv(decoder_conv)):
+        # one-time measured choice on this CPU, at the decoder's widest level (where the reorder weighs most)
+        widest = model.config.pixel_decoder.ch * max(model.config.pixel_decoder.ch_mult)
+        plan.pack_conv = True if pack_conv else packed_conv.packed_conv_pays(widest, decoder_conv.weight.dtype)
     if device_type == "cpu" and not compile and native_norm is not False and decoder_dtype == torch.bfloat16:
         plan.native_norm = _native_choice("native_norm", native_norm, lambda: norm_silu.native_norm_silu_pays(
             model.config.pixel_decoder.ch, decoder_dtype))
@@ -521,15 +548,14 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
             tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    # pack_float32 reaches the semantic head only: use_kernels sets it there, below
-    swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name != "pack_float32"})
+    # the scoped choices (pack_float32: the semantic head; pack_conv: the pixel decoder) are set by use_kernels, below
+    swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name not in _KERNEL_SCOPES})
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,
                        model.pixel_decoder_branch):
             module.compile()
     model.inference_plan = plan
-    if plan.pack_float32:
-        use_kernels(model, pack_float32=True)
+    use_kernels(model, **{name: True for name in _KERNEL_SCOPES if getattr(plan, name)})
     if plan.low_precision:
         model._save_refusal = (
             "this model was prepared with optimize_for_inference(): its "
@@ -539,6 +565,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
     converted = [f"{n} ({d})" for n, d in plan.stage_dtypes.items() if d != "float32"]
     kernels = (f"; fused convolution + addition {'on' if plan.fuse_conv else 'off'}, prepacked linear weights "
                f"{'on' if plan.pack_linear else 'off'} (float32 {'on' if plan.pack_float32 else 'off'}), "
+               f"prepacked convolution weights {'on' if plan.pack_conv else 'off'}, "
                f"native GroupNorm + SiLU {'on' if plan.native_norm else 'off'}, "
                f"native RoPE {'on' if plan.native_rope else 'off'}, "
                f"freed buffers kept for reuse (process-wide) "

@@ -125,8 +125,8 @@ class DualViTok(HubMixin, nn.Module):
                                exact_indices: bool | None = None, *, indices: str = "guarded",
                                device: str | torch.device | None = None, compile: bool = False,
                                fuse_conv: bool | None = None, pack_linear: bool | None = None,
-                               pack_float32: bool | None = None, native_norm: bool | None = None,
-                               native_rope: bool | None = None,
+                               pack_float32: bool | None = None, pack_conv: bool | None = None,
+                               native_norm: bool | None = None, native_rope: bool | None = None,
                                keep_freed_memory: bool | None = None) -> DualViTok:
         """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`.
 
@@ -136,7 +136,8 @@ class DualViTok(HubMixin, nn.Module):
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices, indices=indices, device=device,
                                       compile=compile, fuse_conv=fuse_conv, pack_linear=pack_linear,
-                                      pack_float32=pack_float32, native_norm=native_norm, native_rope=native_rope,
+                                      pack_float32=pack_float32, pack_conv=pack_conv, native_norm=native_norm,
+                                      native_rope=native_rope,
                                       keep_freed_memory=keep_freed_memory)
 
     # ------------------------------------------------------------------------------------------ API

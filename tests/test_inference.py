@@ -371,14 +371,15 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu
     """Under torchrun each rank measures its kernels once; encode and evaluate make every rank use rank 0's
     choices (inference.agree_on_kernels)."""
     from dualvitok._utils import distributed
-    from dualvitok.blocks import native_rope, norm_silu, packed
-    from dualvitok.blocks.inference import InferenceLinear
+    from dualvitok.blocks import native_rope, norm_silu, packed, packed_conv
+    from dualvitok.blocks.inference import InferenceConv2d, InferenceLinear
 
     cpu_like("amx")  # bf16 stages whatever this CPU
     monkeypatch.setattr(norm_silu, "native_available", lambda: True)
     monkeypatch.setattr(native_rope, "native_available", lambda: True)
     model = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", fuse_conv=True, pack_linear=True,
-                                                             pack_float32=True, native_norm=True, native_rope=True)
+                                                             pack_float32=True, pack_conv=True, native_norm=True,
+                                                             native_rope=True)
     gathered = []
     plain = dict.fromkeys(inference.KERNEL_CHOICES, False)  # rank 0 uses the plain operators
     rank0 = {"kernels": plain, "stage_dtypes": dict(model.inference_plan.stage_dtypes)}
@@ -386,12 +387,14 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu
     inference.agree_on_kernels(model)
     assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True, "native_rope": True,
                                      "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
-                                     "pack_float32": packed.can_pack(torch.zeros(1))},
+                                     "pack_float32": packed.can_pack(torch.zeros(1)),
+                                     "pack_conv": packed_conv.can_pack_conv(nn.Conv2d(1, 1, 1).to(torch.bfloat16))},
                          "stage_dtypes": model.inference_plan.stage_dtypes}]
     assert not any(getattr(model.inference_plan, name) for name in inference.KERNEL_CHOICES)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
     assert variants and not any(getattr(m, name) for m in variants for name in inference.KERNEL_CHOICES)
-    assert any(isinstance(m, InferenceLinear) for m in variants)
+    assert any(isinstance(m, InferenceLinear) for m in variants) and any(isinstance(m, InferenceConv2d)
+                                                                         for m in variants)
 
 
 def test_a_rank_with_other_stage_dtypes_than_rank_0_warns(tiny_model, monkeypatch, caplog):

@@ -86,7 +86,8 @@ def add(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:
     return a + b
 
 
-def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
+def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = False,
+               packed_weight: Tensor | None = None) -> Tensor:
     """``residual + conv(x)``, the addition fused into the convolution on CPU.
 
     Args:
@@ -94,6 +95,8 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
         x: its input ``[B, C_in, H, W]``.
         residual: ``[B, C_out, H', W']``, the shape of ``conv(x)``.
         inplace: write the sum into ``residual``'s memory (it must be a temporary the caller owns).
+        packed_weight: ``conv``'s weight prepacked for oneDNN (:func:`dualvitok.blocks.packed_conv.pack_conv_weight`),
+            used by the fused operator in place of ``conv.weight``.
 
     Returns:
         ``[B, C_out, H', W']``. Outside CPU inference (autograd on, other devices or dtypes) this is the plain
@@ -101,7 +104,8 @@ def conv2d_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, inplace: bool = Fal
     """
     if torch.is_grad_enabled() or not _can_fuse(conv, x, residual, inplace):
         return add(residual, conv(x), inplace)
-    args = (x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+    weight = conv.weight if packed_weight is None else packed_weight
+    args = (x, weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "add", None, None, [], None)
     try:
         if inplace:

@@ -9,6 +9,7 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
   CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
 * ``nn.Linear`` computes from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is set
   (:mod:`dualvitok.blocks.packed`), and ``VisionMlp`` folds its quick-GELU into the first of those GEMMs;
+  ``nn.Conv2d`` likewise where ``pack_conv`` is set (:mod:`dualvitok.blocks.packed_conv`);
 * ``VisionAttention`` rotates its bf16 queries and keys with a native CPU kernel in one pass where ``native_rope``
   is set (:mod:`dualvitok.blocks.native_rope`; PyTorch's values bit for bit);
 * ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
@@ -23,6 +24,7 @@ rounds once, not twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import is_tracing, version_counter
-from . import packed
+from . import packed, packed_conv
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_average
 from .fused import add, conv2d_add, is_out_of_memory
@@ -46,8 +48,8 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=nn.Module)
 
 
-KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "pack_float32": False, "native_norm": False,
-                            "native_rope": False}
+KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "pack_float32": False, "pack_conv": False,
+                            "native_norm": False, "native_rope": False}
 """The variants' kernel switches (see :class:`InferenceVariant`) and their defaults."""
 
 
@@ -68,6 +70,8 @@ class InferenceVariant(nn.Module):
     ``pack_linear``: compute bf16 linear layers from prepacked weights (:mod:`dualvitok.blocks.packed`).
     ``pack_float32``: compute float32 linear layers from prepacked weights too (oneDNN's GEMM instead of PyTorch's
     BLAS: other last bits).
+    ``pack_conv``: compute bf16 2D convolutions on channels_last inputs from prepacked weights
+    (:mod:`dualvitok.blocks.packed_conv`; the same values).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
@@ -77,6 +81,7 @@ class InferenceVariant(nn.Module):
     fuse_conv: bool = True
     pack_linear: bool = False
     pack_float32: bool = False
+    pack_conv: bool = False
     native_norm: bool = False
     native_rope: bool = False
 
@@ -99,25 +104,20 @@ class InferenceVariant(nn.Module):
     def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + conv(x)``, written into ``residual`` (a temporary the caller owns)."""
         if self.fuse_conv:
-            return conv2d_add(conv, x, residual, inplace=True)
+            weight = conv.packed_weight(x) if isinstance(conv, InferenceConv2d) else None
+            return conv2d_add(conv, x, residual, inplace=True, packed_weight=weight)
         return add(residual, conv(x), inplace=True)
 
 
-class InferenceLinear(InferenceVariant, nn.Linear):
-    """:class:`torch.nn.Linear` computing from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is
-    set, or of its float32 weight where ``pack_float32`` is (:mod:`dualvitok.blocks.packed`); otherwise, and while
-    autograd is on or ``torch.compile`` traces, the plain
-    ``F.linear``. Its input is not overwritten.
-
-    The packed copy is made on the first call (sized for that call's rows) and made again when the weight or bias is
-    replaced or updated in place (``.to()``, ``load_state_dict``, ``with torch.no_grad(): w.copy_(...)``: the
-    parameters' identity, storage and version counters are compared). A write through ``.data`` changes none of
+class PackedCopy:
+    """A layer's prepacked copy of its weight (and what goes with it), made on demand and made again when the weight
+    or bias is replaced or updated in place (``.to()``, ``load_state_dict``, ``with torch.no_grad(): w.copy_(...)``:
+    the parameters' identity, storage and version counters are compared). A write through ``.data`` changes none of
     them: call :meth:`invalidate` after one. The copy is not part of the state dict, nor of copies or pickles of the
-    module. :meth:`packed_call` also serves callers that fold a scale into the weights and an activation into the
-    GEMM (:class:`InferenceVisionMlp`).
-    """
+    layer."""
 
-    _packed: tuple | None = None  # (stamp, packed weight, bias in the packed dtype and scale)
+    _packed: tuple | None = None  # (stamp, operands...)
+    pack_switches: tuple[str, ...] = ()  # the kernel switches (KERNELS) that decide whether the copy is used
 
     def invalidate(self) -> None:
         """Drop the packed copy (it is made again on the next call)."""
@@ -128,9 +128,30 @@ class InferenceLinear(InferenceVariant, nn.Linear):
         state.pop("_packed", None)  # an opaque oneDNN tensor: neither copied nor pickled
         return state
 
-    def _stamp(self, weight_scale: float, bias_scale: float) -> tuple:
+    def _stamp(self, extra: tuple) -> tuple:
         tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
-        return (weight_scale, bias_scale, *((id(t), t.data_ptr(), version_counter(t)) for t in tensors))
+        return (*extra, *((id(t), t.data_ptr(), version_counter(t)) for t in tensors))
+
+    def packed_copy(self, extra: tuple, make: Callable[[], tuple]) -> tuple:
+        """The operands ``make()`` returned for the current weights and ``extra`` (made again when either changed)."""
+        stamp = self._stamp(extra)
+        if self._packed is None or self._packed[0] != stamp:
+            self._packed = (stamp, *make())
+        return self._packed[1:]
+
+
+class InferenceLinear(PackedCopy, InferenceVariant, nn.Linear):
+    """:class:`torch.nn.Linear` computing from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is
+    set, or of its float32 weight where ``pack_float32`` is (:mod:`dualvitok.blocks.packed`); otherwise, and while
+    autograd is on or ``torch.compile`` traces, the plain
+    ``F.linear``. Its input is not overwritten.
+
+    The packed copy is made on the first call (sized for that call's rows) and kept as :class:`PackedCopy` says.
+    :meth:`packed_call` also serves callers that fold a scale into the weights and an activation into the
+    GEMM (:class:`InferenceVisionMlp`).
+    """
+
+    pack_switches = ("pack_linear", "pack_float32")
 
     def _packed_weight(self, x: Tensor, weight_scale: float, bias_scale: float) -> tuple | None:
         """``(packed weight_scale * weight, bias_scale * bias)``, made when missing or stale; ``None`` where the
@@ -139,16 +160,16 @@ class InferenceLinear(InferenceVariant, nn.Linear):
         wanted = self.pack_float32 if weight.dtype == torch.float32 else self.pack_linear
         if not (wanted and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
             return None
-        stamp = self._stamp(weight_scale, bias_scale)
-        if self._packed is None or self._packed[0] != stamp:
-            try:
-                scaled = weight if weight_scale == 1 else weight * weight_scale
-                bias = self.bias if self.bias is None or bias_scale == 1 else self.bias * bias_scale
-                self._packed = (stamp, packed.pack_weight(scaled, max(1, x.numel() // x.shape[-1])), bias)
-            except RuntimeError as err:  # an unsupported build or layout: plain F.linear from now on
-                self._refuse(f"prepacking a {tuple(weight.shape)} weight failed ({err})")
-                return None
-        return self._packed[1:]
+        def make() -> tuple:
+            scaled = weight if weight_scale == 1 else weight * weight_scale
+            bias = self.bias if self.bias is None or bias_scale == 1 else self.bias * bias_scale
+            return packed.pack_weight(scaled, max(1, x.numel() // x.shape[-1])), bias
+
+        try:
+            return self.packed_copy((weight_scale, bias_scale), make)
+        except RuntimeError as err:  # an unsupported build or layout: plain F.linear from now on
+            self._refuse(f"prepacking a {tuple(weight.shape)} weight failed ({err})")
+            return None
 
     def _refuse(self, why: str) -> None:
         logger.warning("%s; using F.linear", why)
@@ -173,6 +194,43 @@ class InferenceLinear(InferenceVariant, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         out = self.packed_call(x)
         return F.linear(x, self.weight, self.bias) if out is None else out
+
+
+class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` computing from a prepacked copy of its bf16 weight on CPU where ``pack_conv`` is set
+    and the input is channels_last (:mod:`dualvitok.blocks.packed_conv`; the same values); otherwise, and while
+    autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``. The packed copy is made on the first call
+    (for that call's input shape; other shapes compute from it too) and kept as :class:`PackedCopy` says; the fused
+    convolution + addition (:meth:`InferenceVariant.conv_add`) uses it as well."""
+
+    pack_switches = ("pack_conv",)
+
+    def packed_weight(self, x: Tensor) -> Tensor | None:
+        """The packed weight for input ``x`` ``[B, C_in, H, W]``, made when missing or stale; ``None`` where the
+        packed path does not apply."""
+        if not (self.pack_conv and packed_conv.usable(x, self) and packed_conv.can_pack_conv(self)) or is_tracing():
+            return None
+        try:
+            return self.packed_copy((), lambda: (packed_conv.pack_conv_weight(self, x.shape),))[0]
+        except RuntimeError as err:  # an unsupported build or layout: plain F.conv2d from now on
+            self._refuse(f"prepacking a {tuple(self.weight.shape)} convolution weight failed ({err})")
+            return None
+
+    def _refuse(self, why: str) -> None:
+        logger.warning("%s; using F.conv2d", why)
+        self.pack_conv, self._packed = False, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.packed_weight(x)
+        if weight is not None:
+            try:
+                return packed_conv.packed_conv2d(x, weight, self)
+            except RuntimeError as err:
+                if is_out_of_memory(err):
+                    raise
+                self._refuse(f"the packed {tuple(self.weight.shape)} convolution refused an input {tuple(x.shape)} "
+                             f"({err})")
+        return super().forward(x)
 
 
 class InferenceVisionMlp(InferenceVariant, VisionMlp):
@@ -287,6 +345,7 @@ class InferenceMoVQDecoder(InferenceVariant, MoVQDecoder):
 
 INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
     nn.Linear: InferenceLinear,
+    nn.Conv2d: InferenceConv2d,
     VisionMlp: InferenceVisionMlp,
     VisionAttention: InferenceVisionAttention,
     SpatialNorm: InferenceSpatialNorm,
@@ -308,7 +367,8 @@ def swap_inference_blocks(module: nn.Module, **kernels: bool) -> nn.Module:
         kernels: the variants' kernel switches (:data:`KERNELS`; the others take their defaults):
             ``fuse_conv`` lets them use the oneDNN fused convolution (CPU; ``False`` keeps to plain operators),
             ``pack_linear`` lets the bf16 linear layers compute from prepacked weights (CPU,
-            :mod:`dualvitok.blocks.packed`), ``pack_float32`` the float32 ones, ``native_norm`` lets the blocks
+            :mod:`dualvitok.blocks.packed`), ``pack_float32`` the float32 ones, ``pack_conv`` the bf16 2D
+            convolutions (:mod:`dualvitok.blocks.packed_conv`), ``native_norm`` lets the blocks
             compute ``silu(norm(x))`` with the
             native CPU kernel (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate
             their queries and keys with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
