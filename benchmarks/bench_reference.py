@@ -16,7 +16,8 @@ What it does:
    (``DualViTok.from_reference``) and ``fast`` (the same, then ``optimize_for_inference()``), and with ``--paths``
    ``reference_kept`` (the reference with freed buffers kept for reuse, as the fast path's CPU plan sets it) and
    ``fast_default_malloc`` (``optimize_for_inference(keep_freed_memory=False)``) and ``fast_plain_norm``
-   (``optimize_for_inference(native_norm=False)``: no native GroupNorm + SiLU kernel) -- so the paths are
+   (``optimize_for_inference(native_norm=False)``: no native GroupNorm + SiLU kernel) and ``fast_plain_conv``
+   (``optimize_for_inference(pack_conv=False)``: no prepacked convolution weights) -- so the paths are
    interleaved and each one's peak RSS (``ru_maxrss``) is its own. Each process times ``encode`` and ``decode``
    (from the indices) once per configuration, after a warm-up call on the first one, and saves its indices and
    reconstructions.
@@ -47,12 +48,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc", "fast_plain_norm")
+PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc", "fast_plain_norm", "fast_plain_conv")
 DEFAULT_PATHS = "reference,fp32,fast"
 """The fast path's CPU plan keeps freed buffers for reuse (``keep_freed_cpu_memory()``, process-wide) unless told not
 to: ``fast_default_malloc`` leaves glibc's allocator alone, as the reference and the float32 path run, and
 ``reference_kept`` gives the reference the fast path's setting. ``fast_plain_norm`` is the fast path with the
-decoder's GroupNorm + modulation + SiLU left to PyTorch's operators (``native_norm=False``)."""
+decoder's GroupNorm + modulation + SiLU left to PyTorch's operators (``native_norm=False``), ``fast_plain_conv`` the
+fast path with the decoder's convolutions on plain weights (``pack_conv=False``)."""
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -92,6 +94,8 @@ def _our_model(path: str, work: Path):
         model.optimize_for_inference(keep_freed_memory=False)
     elif path == "fast_plain_norm":
         model.optimize_for_inference(native_norm=False)
+    elif path == "fast_plain_conv":
+        model.optimize_for_inference(pack_conv=False)
     return model
 
 
