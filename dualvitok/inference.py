@@ -35,8 +35,11 @@ CPU finds them about as fast as the separate operators or faster
 from prepacked weights where another one-time measurement finds that faster than ``F.linear``
 (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy of those weights), behind a bf16 tower the
 float32 semantic head's linear layers the same way where a measurement in float32 finds oneDNN faster than PyTorch's
-BLAS (``pack_float32``), and the decoder's ``silu(SpatialNorm(x, zq))`` as a native kernel
-(:mod:`dualvitok.blocks.norm_silu`, built on first use with the system C compiler) where a third one finds it faster
+BLAS (``pack_float32``), the pixel decoder's bf16 convolutions on maps of up to 128x128 positions from prepacked
+weights too where another one finds that faster than ``F.conv2d``
+(:func:`dualvitok.blocks.packed_conv.packed_conv_pays`; ``pack_conv``), and the decoder's
+``silu(SpatialNorm(x, zq))`` as a native kernel (:mod:`dualvitok.blocks.norm_silu`, built on first use with the
+system C compiler) where a third one finds it faster
 (:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`), and the bf16 vision blocks' RoPE as another native
 kernel (:mod:`dualvitok.blocks.native_rope`, PyTorch's values bit for bit) where a fourth one does
 (:func:`dualvitok.blocks.native_rope.native_rope_pays`). Under ``torchrun``, ``dualvitok encode`` and ``dualvitok
