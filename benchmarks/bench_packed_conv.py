@@ -12,7 +12,8 @@
 2. **Decode.** One random-weight model, prepared once (``optimize_for_inference()``), decodes the bundled photo's
    codes with its convolutions switched between the two (their ``pack_conv`` switch, as
    :func:`dualvitok.inference.use_kernels` sets it, but keeping the packed copies) in interleaved rounds: best and
-   median, and whether the images are equal bit for bit.
+   median, and whether the images are equal bit for bit. ``--pack-batch N`` first decodes a batch of ``N`` (the
+   weights are then packed for that batch, as in a process that decoded one image first).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    parser.add_argument("--pack-batch", type=int, default=None,
+                        help="decode a batch of this size first, so the weights are packed for it (default: --batch)")
     parser.add_argument("--output", default=None, help="write the Markdown report here too")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -101,6 +104,10 @@ def main() -> None:
         with torch.inference_mode():
             encoding = model.encode(x)
         codes = (encoding.semantic_codes, encoding.pixel_codes)
+        if args.pack_batch is not None and not shapes:
+            with torch.inference_mode():
+                switch(True)
+                model.decode(*(c[:1].expand(args.pack_batch, -1, -1, -1) for c in codes))  # packs for that batch
         if not shapes:
             shapes, *totals = conv_rows(decoder_convolutions(model, codes))
 
