@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -100,6 +101,18 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def kernel_ab_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The command line of the benchmarks that switch one kernel choice on a prepared model (``--model``, ``--sizes``,
+    ``--batch``, ``--rounds``, ``--output``); callers add their own options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dualvitok_anyres_max512")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    parser.add_argument("--output", default=None, help="write the Markdown report here too")
+    return parser
 
 
 def emit_report(report: str, output: str | None) -> None:

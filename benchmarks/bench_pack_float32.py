@@ -18,12 +18,11 @@ below oneDNN (on an AMD EPYC, about 210 against 480 GFLOP/s at 2048 x 2048, 2 th
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 import torch.nn.functional as F
-from _common import best_time, emit_report, machine, table
+from _common import best_time, emit_report, kernel_ab_parser, machine, table
 
 from dualvitok import ImageProcessor
 from dualvitok._utils.timing import interleaved_times
@@ -88,12 +87,7 @@ def encode_rows(model_name: str, sizes: list[int], batch: int, rounds: int) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dualvitok_anyres_max512")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
-    parser.add_argument("--output", default=None, help="write the Markdown report here too")
+    parser = kernel_ab_parser(__doc__)
     args = parser.parse_args()
     encodes, width = encode_rows(args.model, args.sizes, args.batch, args.rounds)
     gemms = gemm_rows(width, 81 * args.batch, args.rounds)  # 81 head tokens per 256x256 image

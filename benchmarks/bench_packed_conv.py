@@ -18,13 +18,12 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from _common import best_time, emit_report, machine, rss_bytes, table
+from _common import best_time, emit_report, kernel_ab_parser, machine, rss_bytes, table
 
 from dualvitok import ImageProcessor
 from dualvitok._utils.timing import interleaved_times
@@ -77,14 +76,9 @@ def conv_rows(calls: Counter) -> tuple[list[list[str]], float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dualvitok_anyres_max512")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    parser = kernel_ab_parser(__doc__)
     parser.add_argument("--pack-batch", type=int, default=None,
                         help="decode a batch of this size first, so the weights are packed for it (default: --batch)")
-    parser.add_argument("--output", default=None, help="write the Markdown report here too")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.model).eval().requires_grad_(False)

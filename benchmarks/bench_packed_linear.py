@@ -16,13 +16,12 @@ Single timings on a shared machine move a lot; the ratios of one run are the fig
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
 import torch
 import torch.nn.functional as F
-from _common import best_time, emit_report, machine, table
+from _common import best_time, emit_report, kernel_ab_parser, machine, table
 
 from dualvitok import ImageProcessor
 from dualvitok._utils.timing import interleaved_times
@@ -83,12 +82,7 @@ def encode_rows(model_name: str, sizes: list[int], batch: int, rounds: int) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dualvitok_anyres_max512")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
-    parser.add_argument("--output", default=None, help="write the Markdown report here too")
+    parser = kernel_ab_parser(__doc__)
     args = parser.parse_args()
     if not packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)):
         raise SystemExit("the oneDNN bf16 packing operators do not run on this build or CPU: nothing to compare")
