@@ -125,7 +125,8 @@ class InferencePlan:
             at least as fast as ``F.linear``, i.e. PyTorch's BLAS, in float32).
         pack_conv: the bf16 2D convolutions (the pixel decoder's) compute from prepacked weights (CPU plan with
             channels_last only, where a one-time measurement on this CPU finds it at least as fast as ``F.conv2d``:
-            :func:`dualvitok.blocks.packed_conv.packed_conv_pays`; the same values).
+            :func:`dualvitok.blocks.packed_conv.packed_conv_pays`; decoded images within a bf16 rounding, the same
+            tokens).
         native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
             where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).

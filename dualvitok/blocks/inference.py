@@ -71,7 +71,7 @@ class InferenceVariant(nn.Module):
     ``pack_float32``: compute float32 linear layers from prepacked weights too (oneDNN's GEMM instead of PyTorch's
     BLAS: other last bits).
     ``pack_conv``: compute bf16 2D convolutions on channels_last inputs from prepacked weights
-    (:mod:`dualvitok.blocks.packed_conv`; the same values).
+    (:mod:`dualvitok.blocks.packed_conv`; oneDNN's kernels either way, within a bf16 rounding).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
@@ -160,6 +160,7 @@ class InferenceLinear(PackedCopy, InferenceVariant, nn.Linear):
         wanted = self.pack_float32 if weight.dtype == torch.float32 else self.pack_linear
         if not (wanted and packed.usable(x, weight) and packed.can_pack(weight)) or is_tracing():
             return None
+
         def make() -> tuple:
             scaled = weight if weight_scale == 1 else weight * weight_scale
             bias = self.bias if self.bias is None or bias_scale == 1 else self.bias * bias_scale
@@ -198,8 +199,9 @@ class InferenceLinear(PackedCopy, InferenceVariant, nn.Linear):
 
 class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
     """:class:`torch.nn.Conv2d` computing from a prepacked copy of its bf16 weight on CPU where ``pack_conv`` is set
-    and the input is channels_last (:mod:`dualvitok.blocks.packed_conv`; the same values); otherwise, and while
-    autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``. The packed copy is made on the first call
+    and the input is channels_last (:mod:`dualvitok.blocks.packed_conv`; within a bf16 rounding of ``F.conv2d``);
+    otherwise, and while autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``. The packed copy is made
+    on the first call
     (for that call's input shape; other shapes compute from it too) and kept as :class:`PackedCopy` says; the fused
     convolution + addition (:meth:`InferenceVariant.conv_add`) uses it as well."""
 
