@@ -12,8 +12,9 @@
 2. **Decode.** One random-weight model, prepared once (``optimize_for_inference()``), decodes the bundled photo's
    codes with its convolutions switched between the two (their ``pack_conv`` switch, as
    :func:`dualvitok.inference.use_kernels` sets it, but keeping the packed copies) in interleaved rounds: best and
-   median, and whether the images are equal bit for bit. ``--pack-batch N`` first decodes a batch of ``N`` (the
-   weights are then packed for that batch, as in a process that decoded one image first).
+   median, and whether the images are equal bit for bit. Each size's first packed decode packs for its shapes
+   (:class:`dualvitok.blocks.inference.InferenceConv2d`: a copy serves one input shape; another shape repacks on
+   its second call in a row), outside the timed rounds.
 """
 
 from __future__ import annotations
@@ -77,8 +78,6 @@ def conv_rows(calls: Counter) -> tuple[list[list[str]], float, float]:
 
 def main() -> None:
     parser = kernel_ab_parser(__doc__)
-    parser.add_argument("--pack-batch", type=int, default=None,
-                        help="decode a batch of this size first, so the weights are packed for it (default: --batch)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.model).eval().requires_grad_(False)
@@ -98,10 +97,6 @@ def main() -> None:
         with torch.inference_mode():
             encoding = model.encode(x)
         codes = (encoding.semantic_codes, encoding.pixel_codes)
-        if args.pack_batch is not None and not shapes:
-            with torch.inference_mode():
-                switch(True)
-                model.decode(*(c[:1].expand(args.pack_batch, -1, -1, -1) for c in codes))  # packs for that batch
         if not shapes:
             shapes, *totals = conv_rows(decoder_convolutions(model, codes))
 
@@ -110,7 +105,8 @@ def main() -> None:
             return model.decode(*codes)
 
         with torch.inference_mode():
-            images = {on: decode(on) for on in (False, True)}  # packs on the first call
+            decode(True), decode(True)  # packs for this size's shapes (a first call, or a shape's second in a row)
+            images = {on: decode(on) for on in (False, True)}
             times = interleaved_times({"plain": lambda: decode(False), "packed": lambda: decode(True)}, args.rounds)
         best = {k: min(v) for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in times.items()}

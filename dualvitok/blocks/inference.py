@@ -200,20 +200,35 @@ class InferenceLinear(PackedCopy, InferenceVariant, nn.Linear):
 class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
     """:class:`torch.nn.Conv2d` computing from a prepacked copy of its bf16 weight on CPU where ``pack_conv`` is set
     and the input is channels_last (:mod:`dualvitok.blocks.packed_conv`; within a bf16 rounding of ``F.conv2d``);
-    otherwise, and while autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``. The packed copy is made
-    on the first call
-    (for that call's input shape; other shapes compute from it too) and kept as :class:`PackedCopy` says; the fused
-    convolution + addition (:meth:`InferenceVariant.conv_add`) uses it as well."""
+    otherwise, and while autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``.
+
+    The copy is packed for one input shape: oneDNN picks the layout for the shape, and another shape's layout can be
+    far slower than the plain weight (a 768-channel 3x3 convolution packed for 32x32 maps took 207 ms on an 8x8 map
+    against 1.6 ms plain; the released decoder's weights packed for a 64x64 image decoded 256x256 images 3.4x
+    slower). So the first call packs for its shape, any other shape computes from the plain weight, and a shape called
+    twice in a row gets its own copy on the second call (replacing the other; packing the released decoder took
+    about 2 s on an Intel Xeon, mostly allocating the copies): a fixed-size pipeline packs once, alternating shapes
+    do not pack again. The copy is also made again where :class:`PackedCopy` says. The fused convolution + addition
+    (:meth:`InferenceVariant.conv_add`) uses it too."""
 
     pack_switches = ("pack_conv",)
 
+    _last_shape: tuple | None = None  # the input shape of the previous call that could pack
+
     def packed_weight(self, x: Tensor) -> Tensor | None:
-        """The packed weight for input ``x`` ``[B, C_in, H, W]``, made when missing or stale; ``None`` where the
-        packed path does not apply."""
+        """The weight packed for input ``x``'s shape ``[B, C_in, H, W]``, made on the first call, and for another
+        shape on its second call in a row; ``None`` where the packed path does not apply and for shapes other than
+        the packed one until they repeat."""
         if not (self.pack_conv and packed_conv.usable(x, self) and packed_conv.can_pack_conv(self)) or is_tracing():
             return None
+        shape = tuple(x.shape)
+        repeated, self._last_shape = self._last_shape == shape, shape
+        if self._packed is not None and self._packed[0] == self._stamp((shape,)):
+            return self._packed[1]
+        if self._packed is not None and not repeated:  # another shape's layout can be far slower: plain till it repeats
+            return None
         try:
-            return self.packed_copy((), lambda: (packed_conv.pack_conv_weight(self, x.shape),))[0]
+            return self.packed_copy((shape,), lambda: (packed_conv.pack_conv_weight(self, shape),))[0]
         except RuntimeError as err:  # an unsupported build or layout: plain F.conv2d from now on
             self._refuse(f"prepacking a {tuple(self.weight.shape)} convolution weight failed ({err})")
             return None

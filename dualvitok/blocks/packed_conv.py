@@ -10,11 +10,13 @@ for the same operator. ``benchmarks/bench_packed_conv.py`` measures each of the 
 decode.
 
 * :func:`pack_conv_weight` reorders a weight once (``torch._C._nn.mkldnn_reorder_conv2d_weight``, for an input of
-  a given shape; other shapes still compute correctly from it) and :func:`packed_conv2d` computes from it
-  (``torch.ops.mkldnn._convolution_pointwise``). :func:`dualvitok.blocks.fused.conv2d_add` takes a packed weight
-  too. :class:`dualvitok.blocks.inference.InferenceConv2d` (swapped in by
-  :func:`dualvitok.inference.optimize_for_inference`) keeps one packed copy per bf16 ``nn.Conv2d`` next to the plain
-  weight (the state dict still holds the plain one): a second copy, about 0.9 GB for the released pixel decoder.
+  a given shape: other shapes still compute correctly from it, but can be far slower, up to 130x for a 768-channel
+  convolution packed for 32x32 and run on 8x8, so the layer uses it for that shape only) and :func:`packed_conv2d`
+  computes from it (``torch.ops.mkldnn._convolution_pointwise``). :func:`dualvitok.blocks.fused.conv2d_add` takes a
+  packed weight too. :class:`dualvitok.blocks.inference.InferenceConv2d` (swapped in by
+  :func:`dualvitok.inference.optimize_for_inference`) keeps one packed copy per bf16 ``nn.Conv2d``, for the input
+  shape of its first call (or the last one it was called with twice in a row), next to the plain weight (the state
+  dict still holds the plain one): a second copy, about 0.9 GB for the released pixel decoder.
 * The kernel is oneDNN's own either way: each of the released decoder's convolutions gave ``F.conv2d``'s values
   bit for bit on their own, yet inside the decoder one fused convolution (the attention block's ``proj_out``, on a
   strided view) rounded differently by a bf16 ulp, so decoded images may differ from the plain weights' in the

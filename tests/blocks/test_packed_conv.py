@@ -73,7 +73,7 @@ def test_inference_conv2d_uses_the_packed_copy_and_follows_the_weight(monkeypatc
     monkeypatch.setattr(packed_conv, "packed_conv2d", lambda *a: calls.append(1) or real(*a))
     x = _input((1, 32, 8, 8))
     with torch.inference_mode():
-        out = fast(x)
+        out = fast(x)  # the first call packs for its shape
         assert calls and fast._packed is not None
         _assert_bf16_conv(out, x, conv)
         first = fast._packed[1]
@@ -89,6 +89,34 @@ def test_inference_conv2d_uses_the_packed_copy_and_follows_the_weight(monkeypatc
     assert clone._packed is None
     with torch.inference_mode():
         assert torch.equal(clone(x), fast(x))
+
+
+@needs_onednn
+def test_inference_conv2d_uses_its_packed_copy_for_one_shape_only(monkeypatch):
+    """The first call packs for its shape, and that copy serves that shape only (another shape's oneDNN layout can be
+    far slower): other shapes compute from the plain weight until one repeats, which then gets its own copy;
+    alternating shapes never pack again."""
+    conv = swap_inference_blocks(_conv(16, 24), pack_conv=True)
+    packs = []
+    real = packed_conv.pack_conv_weight
+    monkeypatch.setattr(packed_conv, "pack_conv_weight", lambda c, shape: packs.append(shape) or real(c, shape))
+    computed, compute = [], packed_conv.packed_conv2d
+    monkeypatch.setattr(packed_conv, "packed_conv2d",
+                        lambda x, w, c: computed.append(tuple(x.shape)) or compute(x, w, c))
+    small, large = _input((1, 16, 4, 4)), _input((1, 16, 8, 8), seed=2)
+    with torch.inference_mode():
+        conv(small)
+        assert packs == [(1, 16, 4, 4)]
+        copy_small = conv._packed[1]
+        for x in (large, small, large, small, small):  # alternating: the 4x4 copy stays, 8x8 computes plain
+            out = conv(x)
+            assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, padding=1)) or x is small
+            _assert_bf16_conv(out, x, conv)
+        assert packs == [(1, 16, 4, 4)] and conv._packed[1] is copy_small
+        assert computed == [(1, 16, 4, 4)] * 4  # the packed copy computed the 4x4 calls only
+        conv(large), conv(large)  # 8x8 twice in a row: packed for it
+        assert packs == [(1, 16, 4, 4), (1, 16, 8, 8)]
+        _assert_bf16_conv(conv(large), large, conv)
 
 
 @needs_onednn
