@@ -455,9 +455,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             on this CPU (``None``, default; :func:`dualvitok.blocks.packed.packed_linear_pays` in float32: about
             2.7x on an AMD EPYC, whose MKL float32 GEMMs run at under half oneDNN's speed).
         pack_conv: CPU plan with channels_last: compute the bf16 2D convolutions (the pixel decoder's) from
-            prepacked weights (``True``; the same values, a second copy of those weights, about 0.95 GB for the
-            released decoder), not (``False``), or measure once which is faster on this CPU (``None``, default;
-            :func:`dualvitok.blocks.packed_conv.packed_conv_pays` at the decoder's widest level).
+            prepacked weights (``True``; decoded images within a bf16 rounding, a second copy of those weights for
+            one input shape at a time, about 0.9 GB for the released decoder:
+            :class:`dualvitok.blocks.inference.InferenceConv2d`), not (``False``), or measure once which is faster
+            on this CPU (``None``, default; :func:`dualvitok.blocks.packed_conv.packed_conv_pays` at the decoder's
+            widest level).
         native_norm: CPU plan: compute the MoVQ blocks' ``silu(norm(x))`` on large maps with the native kernel
             (``True``; built on first use with the system C compiler, :mod:`dualvitok.blocks.norm_silu`), not
             (``False``), or measure once which is faster on this CPU (``None``, default;
