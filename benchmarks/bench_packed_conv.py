@@ -9,7 +9,10 @@
 1. **Convolutions.** Every distinct bf16 convolution the fast path's pixel decoder runs at the first size (input
    shape and weight; a fused convolution + addition is timed as its plain convolution), channels_last, both ways,
    best of 5: ms, GFLOP/s, and the time over the decode's calls.
-2. **Decode.** One random-weight model, prepared once (``optimize_for_inference()``), decodes the bundled photo's
+2. **Layouts across shapes.** 3x3 convolutions of the decoder's widths with a weight packed for one map size and
+   run on another, against the plain weight: oneDNN lays a packed weight out for one shape, and why a copy serves
+   its own shape only (:class:`dualvitok.blocks.inference.InferenceConv2d`).
+3. **Decode.** One random-weight model, prepared once (``optimize_for_inference()``), decodes the bundled photo's
    codes with its convolutions switched between the two (their ``pack_conv`` switch, as
    :func:`dualvitok.inference.use_kernels` sets it, but keeping the packed copies) in interleaved rounds: best and
    median, and whether the images are equal bit for bit. Each size's first packed decode packs for its shapes
@@ -76,6 +79,25 @@ def conv_rows(calls: Counter) -> tuple[list[list[str]], float, float]:
     return rows, plain_total, packed_total
 
 
+def layout_rows(rounds: int = 5) -> list[list[str]]:
+    """Per width and map size: plain ms, then ms from a weight packed for each of the sizes."""
+    rows = []
+    with torch.inference_mode():
+        for channels, sizes in ((1536, (4, 16)), (768, (8, 32)), (384, (16, 64))):
+            conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=torch.bfloat16,
+                                                                         memory_format=torch.channels_last)
+            weights = {s: packed_conv.pack_conv_weight(conv, (1, channels, s, s)) for s in sizes}
+            for size in sizes:
+                x = torch.randn(1, channels, size, size).to(torch.bfloat16)
+                x = x.contiguous(memory_format=torch.channels_last)
+                plain = best_time(lambda x=x, c=conv: c(x), rounds)
+                packed = [best_time(lambda x=x, w=w, c=conv: packed_conv.packed_conv2d(x, w, c), rounds)
+                          for w in weights.values()]
+                rows.append([str(channels), f"{size}x{size}", f"{plain * 1e3:.2f}",
+                             *(f"{t * 1e3:.2f}" for t in packed)])
+    return rows
+
+
 def main() -> None:
     parser = kernel_ab_parser(__doc__)
     args = parser.parse_args()
@@ -115,6 +137,7 @@ def main() -> None:
                         "yes" if torch.equal(images[False], images[True]) else
                         f"no (max diff {(images[False] - images[True]).abs().max().item():.2e})"])
         print(decodes[-1], flush=True)
+    layouts = layout_rows()
     packed_bytes = sum(c.weight.numel() * c.weight.element_size() for c in convs if c._packed is not None)
     report = "\n".join([
         f"Machine: {machine()}; CPU capability {torch.backends.cpu.get_cpu_capability()}; model {args.model}", "",
@@ -124,6 +147,10 @@ def main() -> None:
                "packed vs plain", "ms over the calls (plain / packed)"], shapes), "",
         f"Over the decode's calls: plain {totals[0]:.3f} s, packed {totals[1]:.3f} s "
         f"({totals[0] / totals[1]:.2f}x).", "",
+        "3x3 convolutions, channels -> channels, batch 1, from weights packed for one map size and run on another "
+        "(ms, best of 5; the two packed columns: packed for the smaller / the larger size of that row's pair):", "",
+        table(["channels", "map", "plain ms", "packed for the smaller size ms", "packed for the larger size ms"],
+              layouts), "",
         f"Decode, the fast path with its convolutions on each ({args.rounds} interleaved rounds; s):", "",
         table(["size", "batch", "plain s (best)", "packed s (best)", "packed vs plain (best / median)",
                "images equal"], decodes), "",

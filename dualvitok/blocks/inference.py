@@ -203,13 +203,13 @@ class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
     otherwise, and while autograd is on or ``torch.compile`` traces, the plain ``F.conv2d``.
 
     The copy is packed for one input shape: oneDNN picks the layout for the shape, and another shape's layout can be
-    far slower than the plain weight (a 768-channel 3x3 convolution packed for 32x32 maps took 207 ms on an 8x8 map
-    against 1.6 ms plain; the released decoder's weights packed for a 64x64 image decoded 256x256 images 3.4x
-    slower). So the first call packs for its shape, any other shape computes from the plain weight, and a shape called
-    twice in a row gets its own copy on the second call (replacing the other; packing the released decoder took
-    about 2 s on an Intel Xeon, mostly allocating the copies): a fixed-size pipeline packs once, alternating shapes
-    do not pack again. The copy is also made again where :class:`PackedCopy` says. The fused convolution + addition
-    (:meth:`InferenceVariant.conv_add`) uses it too."""
+    far slower than the plain weight (a 768-channel 3x3 convolution packed for 32x32 maps took 193 ms on an 8x8 map
+    against 1.2 ms plain, ``benchmarks/bench_packed_conv.py``). So the first call packs for its shape, any other
+    shape computes from the plain weight, and a shape called twice in a row gets its own copy on the second call
+    (replacing the other; packing the released decoder took about 2 s on an Intel Xeon, mostly allocating the
+    copies): a fixed-size pipeline packs once, alternating shapes do not pack again. The copy is also made again
+    where :class:`PackedCopy` says. The fused convolution + addition (:meth:`InferenceVariant.conv_add`) uses it
+    too."""
 
     pack_switches = ("pack_conv",)
 

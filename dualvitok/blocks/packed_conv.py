@@ -10,7 +10,7 @@ for the same operator. ``benchmarks/bench_packed_conv.py`` measures each of the 
 decode.
 
 * :func:`pack_conv_weight` reorders a weight once (``torch._C._nn.mkldnn_reorder_conv2d_weight``, for an input of
-  a given shape: other shapes still compute correctly from it, but can be far slower, up to 130x for a 768-channel
+  a given shape: other shapes still compute correctly from it, but can be far slower, 160x for a 768-channel
   convolution packed for 32x32 and run on 8x8, so the layer uses it for that shape only) and :func:`packed_conv2d`
   computes from it (``torch.ops.mkldnn._convolution_pointwise``). :func:`dualvitok.blocks.fused.conv2d_add` takes a
   packed weight too. :class:`dualvitok.blocks.inference.InferenceConv2d` (swapped in by
