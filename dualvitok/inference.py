@@ -92,7 +92,7 @@ from torch import nn
 
 from .blocks import fused, norm_silu, packed, packed_conv
 from .blocks import native_rope as native_rope_kernel
-from .blocks.inference import KERNELS, InferenceVariant, PackedCopy, swap_inference_blocks
+from .blocks.inference import KERNELS, InferenceLinear, InferenceVariant, PackedCopy, swap_inference_blocks
 from .cpu import MIN_LOW_PRECISION_SPEEDUP, cpu_bf16_support, low_precision_speedup, use_low_precision_speedup
 
 logger = logging.getLogger(__name__)
@@ -359,8 +359,7 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
 
 def _semantic_head_linears(model: nn.Module) -> list[nn.Module]:
     """The linear layers of the semantic head (the only ones ``pack_float32`` applies to)."""
-    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceVariant)
-            and isinstance(m, nn.Linear)]
+    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceLinear)]
 
 
 def _pixel_decoder_modules(model: nn.Module) -> list[nn.Module]:

@@ -223,10 +223,8 @@ class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
             return None
         shape = tuple(x.shape)
         repeated, self._last_shape = self._last_shape == shape, shape
-        if self._packed is not None and self._packed[0] == self._stamp((shape,)):
-            return self._packed[1]
-        if self._packed is not None and not repeated:  # another shape's layout can be far slower: plain till it repeats
-            return None
+        if self._packed is not None and self._packed[0][0] != shape and not repeated:
+            return None  # packed for another shape, whose layout can be far slower here: plain until this one repeats
         try:
             return self.packed_copy((shape,), lambda: (packed_conv.pack_conv_weight(self, shape),))[0]
         except RuntimeError as err:  # an unsupported build or layout: plain F.conv2d from now on
