@@ -126,8 +126,8 @@ class DualViTok(HubMixin, nn.Module):
                                device: str | torch.device | None = None, compile: bool = False,
                                fuse_conv: bool | None = None, pack_linear: bool | None = None,
                                pack_float32: bool | None = None, pack_conv: bool | None = None,
-                               native_norm: bool | None = None, native_rope: bool | None = None,
-                               keep_freed_memory: bool | None = None) -> DualViTok:
+                               winograd_conv: bool | None = None, native_norm: bool | None = None,
+                               native_rope: bool | None = None, keep_freed_memory: bool | None = None) -> DualViTok:
         """Opt-in fast path (inference modules swapped in, bf16 stages); see :mod:`dualvitok.inference`.
 
         ``indices``: ``"guarded"`` (default; >= 99% of pixel indices equal the float32 path's), ``"exact"`` (equal)
@@ -136,8 +136,8 @@ class DualViTok(HubMixin, nn.Module):
 
         return optimize_for_inference(self, dtype, channels_last, exact_indices, indices=indices, device=device,
                                       compile=compile, fuse_conv=fuse_conv, pack_linear=pack_linear,
-                                      pack_float32=pack_float32, pack_conv=pack_conv, native_norm=native_norm,
-                                      native_rope=native_rope,
+                                      pack_float32=pack_float32, pack_conv=pack_conv, winograd_conv=winograd_conv,
+                                      native_norm=native_norm, native_rope=native_rope,
                                       keep_freed_memory=keep_freed_memory)
 
     # ------------------------------------------------------------------------------------------ API

@@ -9,7 +9,9 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
   CPU where ``fuse_conv`` is set, else an in-place ``add_``), written into the block's input ``x``;
 * ``nn.Linear`` computes from a prepacked copy of its bf16 weight on CPU where ``pack_linear`` is set
   (:mod:`dualvitok.blocks.packed`), and ``VisionMlp`` folds its quick-GELU into the first of those GEMMs;
-  ``nn.Conv2d`` likewise where ``pack_conv`` is set (:mod:`dualvitok.blocks.packed_conv`);
+  ``nn.Conv2d`` likewise where ``pack_conv`` is set (:mod:`dualvitok.blocks.packed_conv`), and computes float32
+  3x3 convolutions on large maps with NNPACK's Winograd algorithm where ``winograd_conv`` is set
+  (:mod:`dualvitok.blocks.winograd`);
 * ``VisionAttention`` rotates its bf16 queries and keys with a native CPU kernel in one pass where ``native_rope``
   is set (:mod:`dualvitok.blocks.native_rope`; PyTorch's values bit for bit);
 * ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import is_tracing, version_counter
-from . import packed, packed_conv
+from . import packed, packed_conv, winograd
 from .attention import AttnBlock2d
 from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_average
 from .fused import add, conv2d_add, is_out_of_memory
@@ -49,7 +51,7 @@ M = TypeVar("M", bound=nn.Module)
 
 
 KERNELS: dict[str, bool] = {"fuse_conv": True, "pack_linear": False, "pack_float32": False, "pack_conv": False,
-                            "native_norm": False, "native_rope": False}
+                            "winograd_conv": False, "native_norm": False, "native_rope": False}
 """The variants' kernel switches (see :class:`InferenceVariant`) and their defaults."""
 
 
@@ -72,6 +74,8 @@ class InferenceVariant(nn.Module):
     BLAS: other last bits).
     ``pack_conv``: compute bf16 2D convolutions on channels_last inputs from prepacked weights
     (:mod:`dualvitok.blocks.packed_conv`; oneDNN's kernels either way, within a bf16 rounding).
+    ``winograd_conv``: compute float32 3x3 convolutions on large maps with NNPACK's Winograd algorithm
+    (:mod:`dualvitok.blocks.winograd`; about 1e-4 relative from ``F.conv2d``, unfused from the residual addition).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
@@ -82,6 +86,7 @@ class InferenceVariant(nn.Module):
     pack_linear: bool = False
     pack_float32: bool = False
     pack_conv: bool = False
+    winograd_conv: bool = False
     native_norm: bool = False
     native_rope: bool = False
 
@@ -103,6 +108,8 @@ class InferenceVariant(nn.Module):
 
     def conv_add(self, conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + conv(x)``, written into ``residual`` (a temporary the caller owns)."""
+        if isinstance(conv, InferenceConv2d) and conv.winograd_applies(x):
+            return add(residual, conv(x), inplace=True)  # NNPACK has no fused addition
         if self.fuse_conv:
             weight = conv.packed_weight(x) if isinstance(conv, InferenceConv2d) else None
             return conv2d_add(conv, x, residual, inplace=True, packed_weight=weight)
@@ -209,7 +216,11 @@ class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
     (replacing the other; packing the released decoder took about 2 s on an Intel Xeon, mostly allocating the
     copies): a fixed-size pipeline packs once, alternating shapes do not pack again. The copy is also made again
     where :class:`PackedCopy` says. The fused convolution + addition (:meth:`InferenceVariant.conv_add`) uses it
-    too."""
+    too.
+
+    Where ``winograd_conv`` is set, float32 3x3 convolutions on maps of at least
+    :data:`dualvitok.blocks.winograd.MIN_POSITIONS` positions compute with NNPACK's Winograd algorithm instead
+    (:mod:`dualvitok.blocks.winograd`)."""
 
     pack_switches = ("pack_conv",)
 
@@ -235,7 +246,21 @@ class InferenceConv2d(PackedCopy, InferenceVariant, nn.Conv2d):
         logger.warning("%s; using F.conv2d", why)
         self.pack_conv, self._packed = False, None
 
+    def winograd_applies(self, x: Tensor) -> bool:
+        """Whether this call on input ``x`` computes with the Winograd kernel (:mod:`dualvitok.blocks.winograd`)."""
+        return (self.winograd_conv and winograd.usable(x, self) and winograd.can_winograd(self)
+                and not is_tracing())
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.winograd_applies(x):
+            try:
+                return winograd.winograd_conv2d(x, self)
+            except RuntimeError as err:
+                if is_out_of_memory(err):
+                    raise
+                logger.warning("the Winograd %s convolution refused an input %s (%s); using F.conv2d",
+                               tuple(self.weight.shape), tuple(x.shape), err)
+                self.winograd_conv = False
         weight = self.packed_weight(x)
         if weight is not None:
             try:
@@ -383,7 +408,9 @@ def swap_inference_blocks(module: nn.Module, **kernels: bool) -> nn.Module:
             ``fuse_conv`` lets them use the oneDNN fused convolution (CPU; ``False`` keeps to plain operators),
             ``pack_linear`` lets the bf16 linear layers compute from prepacked weights (CPU,
             :mod:`dualvitok.blocks.packed`), ``pack_float32`` the float32 ones, ``pack_conv`` the bf16 2D
-            convolutions (:mod:`dualvitok.blocks.packed_conv`), ``native_norm`` lets the blocks
+            convolutions (:mod:`dualvitok.blocks.packed_conv`), ``winograd_conv`` the float32 3x3 convolutions on
+            large maps compute with NNPACK's Winograd algorithm (:mod:`dualvitok.blocks.winograd`), ``native_norm``
+            lets the blocks
             compute ``silu(norm(x))`` with the
             native CPU kernel (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate
             their queries and keys with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
