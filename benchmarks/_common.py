@@ -60,12 +60,25 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
     return min(times)
 
 
+SLOW_GEMM_FLOPS = 10e9
+"""Under this many FLOP/s on a small product, :func:`gemm_peaks` measures no larger one (an emulated dtype)."""
+
+
 def gemm_peaks(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Measured matrix-multiply throughput (FLOP/s) for square ``n x n`` operands through each CPU route PyTorch
     has: ``torch.mm`` (float32 goes to its BLAS, MKL in the PyPI builds; bf16 to oneDNN) and oneDNN's GEMM on a
     prepacked weight (``torch.ops.mkldnn._linear_pointwise``, what the fast path's packed layers and convolutions
     use). The two differ a lot on some CPUs: on an AMD EPYC with AVX-512-BF16, float32 ``torch.mm`` (MKL) ran at
-    about 210 GFLOP/s and oneDNN at about 475, so a peak from ``torch.mm`` alone is not the machine's."""
+    about 210 GFLOP/s and oneDNN at about 475, so a peak from ``torch.mm`` alone is not the machine's.
+
+    A low-precision dtype the CPU emulates (bf16 without AVX-512-BF16 or AMX: about 1 GFLOP/s on an AMD EPYC with
+    AVX2 only, so a 2048 x 2048 product takes half a minute) is measured on a ``256 x 256`` product only, under
+    :data:`SLOW_GEMM_FLOPS`."""
+    if dtype != torch.float32:
+        probe = torch.randn(256, 256).to(dtype)
+        rate = 2 * 256**3 / best_time(lambda: probe @ probe, repeats=3, warmup=1)
+        if rate < SLOW_GEMM_FLOPS:
+            return {"torch.mm": rate}
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     peaks = {"torch.mm": 2 * n**3 / best_time(lambda: a @ b, repeats=repeats, warmup=2)}
     try:

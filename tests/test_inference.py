@@ -388,7 +388,8 @@ def test_ranks_agree_on_the_measured_kernel_choices(tiny_model, monkeypatch, cpu
     assert gathered == [{"kernels": {"fuse_conv": True, "native_norm": True, "native_rope": True,
                                      "pack_linear": packed.can_pack(torch.zeros(1, dtype=torch.bfloat16)),
                                      "pack_float32": packed.can_pack(torch.zeros(1)),
-                                     "pack_conv": packed_conv.can_pack_conv(nn.Conv2d(1, 1, 1).to(torch.bfloat16))},
+                                     "pack_conv": packed_conv.can_pack_conv(nn.Conv2d(1, 1, 1).to(torch.bfloat16)),
+                                     "winograd_conv": False},  # a bf16 decoder
                          "stage_dtypes": model.inference_plan.stage_dtypes}]
     assert not any(getattr(model.inference_plan, name) for name in inference.KERNEL_CHOICES)
     variants = [m for m in model.modules() if isinstance(m, InferenceVariant)]
