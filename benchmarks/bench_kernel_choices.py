@@ -3,11 +3,12 @@
     python benchmarks/bench_kernel_choices.py                       # released widths, 5 repeats
     python benchmarks/bench_kernel_choices.py --repeats 9 --output benchmarks/results/kernel_choices_amd.md
 
-``optimize_for_inference()`` on CPU decides seven things by timing them once per process
+``optimize_for_inference()`` on CPU decides eight things by timing them once per process
 (:mod:`dualvitok.inference`): bf16 itself (:func:`dualvitok.cpu.low_precision_speedup`), the oneDNN convolution with a
 fused residual addition (:func:`dualvitok.blocks.fused.fused_conv_add_pays`), prepacked linear weights in bf16 and
-for the float32 semantic head (:func:`dualvitok.blocks.packed.packed_linear_pays`), prepacked convolution weights
-(:func:`dualvitok.blocks.packed_conv.packed_conv_pays`), the native GroupNorm + SiLU kernel
+for the float32 semantic encoder (:func:`dualvitok.blocks.packed.packed_linear_pays`), prepacked convolution weights
+(:func:`dualvitok.blocks.packed_conv.packed_conv_pays`), Winograd convolutions in a float32 decoder
+(:func:`dualvitok.blocks.winograd.winograd_conv_pays`), the native GroupNorm + SiLU kernel
 (:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`) and the native RoPE kernel
 (:func:`dualvitok.blocks.native_rope.native_rope_pays`). This runs each of them ``--repeats`` times at the released
 architecture's widths (its caches cleared in between), in a process with freed buffers kept for reuse as the plan
@@ -15,6 +16,11 @@ sets it before it measures (``--default-malloc``: glibc's defaults; the native n
 tabulates the candidate's and the baseline's best times
 from each measurement's log record, the speedup and how often the candidate was chosen. So a choice can be checked
 on each kind of CPU, and one that flips between repeats (a near tie on this CPU) shows as such.
+
+Only the choices the plan makes on this CPU are timed: where bf16 is emulated (x86 without AVX-512-BF16 or AMX, where
+a bf16 convolution at the decoder's width takes tens of seconds) every stage stays float32, so the bf16 choices are
+left out and the fused convolution + addition is timed in float32; where bf16 runs natively the decoder is bf16 and
+the Winograd choice (float32 decoders only) is left out.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from _common import emit_report, machine, table
 
 from dualvitok import cpu
-from dualvitok.blocks import fused, native_rope, norm_silu, packed, packed_conv
+from dualvitok.blocks import fused, native_rope, norm_silu, packed, packed_conv, winograd
 from dualvitok.devices import keep_freed_cpu_memory
 
 # released architecture (dualvitok_anyres_max512): pixel decoder base and widest widths, tower width, heads and head
@@ -48,22 +54,29 @@ class _Records(logging.Handler):
             self.rows.append((what, cand, cand_ms, base, base_ms, chosen == cand))
 
 
-def _choices() -> dict:
-    """Name -> (call that measures once, function clearing its cache)."""
-    return {
+def _choices(native_bf16: bool) -> dict:
+    """Name -> (call that measures once, function clearing its cache), for the plan this CPU gets (``native_bf16``:
+    bf16 stages; else every stage float32)."""
+    decoder_dtype = torch.bfloat16 if native_bf16 else torch.float32
+    choices = {
         "bf16 matrix products": (lambda: cpu.low_precision_speedup(torch.bfloat16), cpu._speedups.clear),
-        "fused convolution + addition": (lambda: fused.fused_conv_add_pays(DECODER_WIDTH, torch.bfloat16),
+        "fused convolution + addition": (lambda: fused.fused_conv_add_pays(DECODER_WIDTH, decoder_dtype),
                                          fused._fusion_choices.clear),
         "prepacked linear weights": (lambda: packed.packed_linear_pays(TOWER_WIDTH, torch.bfloat16),
                                      packed._choices.clear),
-        "prepacked float32 linear weights (semantic head)": (
+        "prepacked float32 linear weights (semantic encoder)": (
             lambda: packed.packed_linear_pays(HEAD_WIDTH, torch.float32), packed._choices.clear),
         "prepacked convolution weights": (lambda: packed_conv.packed_conv_pays(DECODER_WIDEST, torch.bfloat16),
                                           packed_conv._choices.clear),
+        "Winograd convolutions (float32 decoder)": (lambda: winograd.winograd_conv_pays(DECODER_WIDTH),
+                                                    winograd._choices.clear),
         "native GroupNorm + SiLU": (lambda: norm_silu.native_norm_silu_pays(DECODER_WIDTH, torch.bfloat16),
                                     norm_silu._choices.clear),
         "native RoPE": (lambda: native_rope.native_rope_pays(TOWER_HEADS, TOWER_HEAD_DIM), native_rope._choices.clear),
     }
+    bf16_only = ("prepacked linear weights", "prepacked convolution weights", "native GroupNorm + SiLU", "native RoPE")
+    left_out = ("Winograd convolutions (float32 decoder)",) if native_bf16 else bf16_only
+    return {name: value for name, value in choices.items() if name not in left_out}
 
 
 def main() -> None:
@@ -80,7 +93,8 @@ def main() -> None:
     library.addHandler(handler)
     library.setLevel(logging.INFO)
     rows = []
-    for label, (measure, clear) in _choices().items():
+    native_bf16 = cpu.cpu_bf16_support() != "none"
+    for label, (measure, clear) in _choices(native_bf16).items():
         handler.rows.clear()
         for _ in range(args.repeats):
             clear()

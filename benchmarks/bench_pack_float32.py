@@ -28,7 +28,7 @@ from dualvitok import ImageProcessor
 from dualvitok._utils.timing import interleaved_times
 from dualvitok.assets import sample_images
 from dualvitok.blocks import packed
-from dualvitok.inference import _float32_linears, use_kernels
+from dualvitok.inference import _semantic_head_linears, use_kernels
 from dualvitok.loading import load_model
 
 
@@ -64,7 +64,7 @@ def encode_rows(model_name: str, sizes: list[int], batch: int, rounds: int) -> t
     if not packed.can_pack(torch.zeros(1)):
         raise SystemExit("oneDNN's float32 packing operators do not run on this build or CPU")
     use_kernels(model, pack_float32=True)  # validates the switch for this plan (a bf16 tower)
-    head = _float32_linears(model)
+    head = _semantic_head_linears(model)
     rows = []
     for size, x in inputs.items():
         def encode(on: bool, x=x):

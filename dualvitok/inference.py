@@ -35,8 +35,7 @@ CPU finds them about as fast as the separate operators or faster
 from prepacked weights where another one-time measurement finds that faster than ``F.linear``
 (:func:`dualvitok.blocks.packed.packed_linear_pays`; a second copy of those weights), behind a bf16 tower the
 float32 semantic head's linear layers the same way where a measurement in float32 finds oneDNN faster than PyTorch's
-BLAS (``pack_float32``; in a float32 plan, e.g. on a CPU without bf16 matrix hardware, the vision tower's too unless
-``indices="exact"``), the pixel decoder's bf16 convolutions on maps of up to 128x128 positions from prepacked
+BLAS (``pack_float32``), the pixel decoder's bf16 convolutions on maps of up to 128x128 positions from prepacked
 weights too where another one finds that faster than ``F.conv2d``
 (:func:`dualvitok.blocks.packed_conv.packed_conv_pays`; ``pack_conv``), where the pixel decoder stays float32 (CPUs
 without bf16 matrix hardware) its 3x3 convolutions on large maps with NNPACK's Winograd algorithm and the decoder in
@@ -124,10 +123,9 @@ class InferencePlan:
         pack_linear: the bf16 linear layers compute from prepacked weights (CPU plan only, where a one-time
             measurement on this CPU finds it at least as fast as ``F.linear``:
             :func:`dualvitok.blocks.packed.packed_linear_pays`).
-        pack_float32: the float32 linear layers of the semantic encoder compute from prepacked weights with
-            oneDNN's GEMM (CPU plan only, where a one-time measurement on this CPU finds it at least as fast as
-            ``F.linear``, i.e. PyTorch's BLAS, in float32): the semantic head's behind a bf16 vision tower; in a
-            float32 plan (no stage converted) the tower's and the head's, unless ``indices="exact"``.
+        pack_float32: the float32 linear layers behind a bf16 vision tower (the semantic head's) compute from
+            prepacked weights with oneDNN's GEMM (CPU plan only, where a one-time measurement on this CPU finds it
+            at least as fast as ``F.linear``, i.e. PyTorch's BLAS, in float32).
         pack_conv: the bf16 2D convolutions (the pixel decoder's) compute from prepacked weights (CPU plan with
             channels_last only, where a one-time measurement on this CPU finds it at least as fast as ``F.conv2d``:
             :func:`dualvitok.blocks.packed_conv.packed_conv_pays`; decoded images within a bf16 rounding, the same
@@ -355,9 +353,9 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
             logger.warning("use_kernels(%s=True): %s is unavailable in this process; PyTorch's operators run (%s)",
                            name, kernel.description, kernel.without_it)
             value = False
-        if name == "pack_float32" and value and _float32_linears_refusal(model) is not None:
-            logger.warning("use_kernels(pack_float32=True): %s, so its float32 linear layers keep PyTorch's BLAS (the "
-                           "float32 path's values)", _float32_linears_refusal(model))
+        if name == "pack_float32" and value and model.inference_plan.stage_dtypes.get("vision tower") != "bfloat16":
+            logger.warning("use_kernels(pack_float32=True): this model's vision tower is not bf16, so its float32 "
+                           "linear layers keep PyTorch's BLAS (the float32 path's values)")
             value = False
         setattr(model.inference_plan, name, value)
         scope = _KERNEL_SCOPES.get(name)
@@ -368,25 +366,9 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
                     module.invalidate()  # frees the packed copy (made again on the next call if on)
 
 
-def _float32_linears_refusal(model: nn.Module) -> str | None:
-    """Why ``pack_float32`` may not apply to a prepared model, or ``None``: it applies behind a bf16 vision tower, and
-    in a float32 plan (no stage converted) unless its indices are ``"exact"`` (PyTorch's BLAS then decides them)."""
-    plan = model.inference_plan
-    if plan.stage_dtypes.get("vision tower") == "bfloat16":
-        return None
-    if plan.low_precision:
-        return "this model's vision tower is not bf16 while other stages are"
-    if plan.indices == "exact":
-        return "this float32 plan has indices='exact'"
-    return None
-
-
-def _float32_linears(model: nn.Module) -> list[nn.Module]:
-    """The float32 linear layers ``pack_float32`` applies to: the semantic head's, and the vision tower's too where
-    the tower is float32 (a float32 plan)."""
-    tower, head = _stages(model)[:2]
-    stages = [head] if next(tower.entry.parameters()).dtype != torch.float32 else [tower, head]
-    return [m for stage in stages for part in stage.modules for m in part.modules() if isinstance(m, InferenceLinear)]
+def _semantic_head_linears(model: nn.Module) -> list[nn.Module]:
+    """The linear layers of the semantic head (the only ones ``pack_float32`` applies to)."""
+    return [m for part in _stages(model)[1].modules for m in part.modules() if isinstance(m, InferenceLinear)]
 
 
 def _pixel_decoder_modules(model: nn.Module) -> list[nn.Module]:
@@ -395,7 +377,7 @@ def _pixel_decoder_modules(model: nn.Module) -> list[nn.Module]:
 
 
 _KERNEL_SCOPES: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
-    "pack_float32": _float32_linears,  # every other float32 layer keeps the float32 path's values
+    "pack_float32": _semantic_head_linears,  # every other float32 layer keeps the float32 path's values
     "pack_conv": _pixel_decoder_modules,  # the encoders' convolutions, which decide the indices, stay plain
     "winograd_conv": _pixel_decoder_modules,  # likewise: tokens never depend on Winograd's rounding
 }
@@ -493,10 +475,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             (the semantic head's) from prepacked weights with oneDNN's GEMM instead of PyTorch's BLAS (``True``;
             other last bits, far below the bf16 tower's rounding), not (``False``), or measure once which is faster
             on this CPU (``None``, default; :func:`dualvitok.blocks.packed.packed_linear_pays` in float32: about
-            2.7x on an AMD EPYC with AVX-512-BF16, whose MKL float32 GEMMs run at under half oneDNN's speed, and
-            1.2-1.3x on one with AVX2 only). In a float32 plan (no stage converted: ``dtype=None``, or a CPU
-            without bf16 matrix hardware) the same for the vision tower's and the head's linear layers, unless
-            ``indices="exact"`` (semantic indices may then differ from the float32 path's at near ties).
+            2.7x on an AMD EPYC, whose MKL float32 GEMMs run at under half oneDNN's speed).
         pack_conv: CPU plan with channels_last: compute the bf16 2D convolutions (the pixel decoder's) from
             prepacked weights (``True``; decoded images within a bf16 rounding, a second copy of those weights for
             one input shape at a time, about 0.9 GB for the released decoder:
@@ -586,13 +565,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # one-time measured choice on this CPU, at the tower's width and dtype
         plan.pack_linear = True if pack_linear else packed.packed_linear_pays(tower.width, tower_weight.dtype)
     head_weight = next(head.entry.parameters())
-    float32_plan = not plan.low_precision and indices != "exact"  # the tower's linear layers may pack too
-    if (device_type == "cpu" and not compile and pack_float32 is not False
-            and (tower_weight.dtype == torch.bfloat16 or float32_plan)
+    if (device_type == "cpu" and not compile and pack_float32 is not False and tower_weight.dtype == torch.bfloat16
             and head_weight.dtype == torch.float32 and packed.can_pack(head_weight)):
-        # one-time measured choice on this CPU, at the semantic head's width: behind a bf16 tower, whose rounding
-        # moves the head's input far more than oneDNN's other last bits; in a float32 plan, where oneDNN's float32
-        # GEMM is the faster one here (semantic indices may move at near ties; "exact" keeps BLAS's)
+        # one-time measured choice on this CPU, at the semantic head's width; only behind a bf16 tower, whose
+        # rounding moves the head's input far more than oneDNN's other last bits (a float32 plan stays BLAS's)
         plan.pack_float32 = True if pack_float32 else packed.packed_linear_pays(model.config.semantic_encoder.embed_dim,
                                                                                  torch.float32)
     decoder_conv = next(m for m in model.pixel_decoder.modules() if isinstance(m, nn.Conv2d))
@@ -609,8 +585,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
             tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    # the scoped choices (pack_float32: the semantic encoder's float32 linears; pack_conv, winograd_conv: the pixel
-    # decoder) are set by use_kernels, below
+    # the scoped choices (pack_float32: the semantic head; pack_conv: the pixel decoder) are set by use_kernels, below
     swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name not in _KERNEL_SCOPES})
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,

@@ -291,9 +291,8 @@ def test_float32_layers_compute_from_packed_weights_with_pack_float32(monkeypatc
 def test_plan_packs_float32_only_in_the_semantic_head_behind_a_bf16_tower(tiny_model, monkeypatch, caplog,
                                                                            cpu_like):
     """The float32 choice is measured once at the semantic head's width where the tower is bf16; only the head's
-    linear layers follow it (the quantizers' and any other float32 layer keep the float32 path's values). A float32
-    plan measures it too and packs the tower's and the head's, except with indices="exact" (use_kernels refuses it
-    there)."""
+    linear layers follow it (the quantizers' and any other float32 layer keep the float32 path's values); a float32
+    plan never measures it, and use_kernels refuses it there."""
     asked = []
     cpu_like("amx")
     monkeypatch.setattr(packed, "can_pack", lambda weight: True)
@@ -303,24 +302,17 @@ def test_plan_packs_float32_only_in_the_semantic_head_behind_a_bf16_tower(tiny_m
     tower_width = tiny_model.config.semantic_encoder.semantic_encoder_config.embed_dim
     assert asked == [(tower_width, torch.bfloat16), (head_width, torch.float32)]
     assert fast.inference_plan.pack_float32
-    head = {id(m) for m in inference._float32_linears(fast)}
+    head = {id(m) for m in inference._semantic_head_linears(fast)}
     linears = [m for m in fast.modules() if isinstance(m, InferenceLinear)]
     assert head and all(m.pack_float32 is (id(m) in head) for m in linears)
     assert all(m.weight.dtype == torch.float32 for m in linears if id(m) in head)
     off = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", pack_float32=False)
     assert not off.inference_plan.pack_float32 and len(asked) == 3  # told: only the bf16 choice measured
     plain32 = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", dtype=None)
-    assert plain32.inference_plan.pack_float32 and asked[3:] == [(head_width, torch.float32)]
-    encoder = {id(m) for m in plain32.semantic_encoder.modules()}
-    tower = {id(m) for m in plain32.semantic_encoder.model.modules()}
-    linears32 = [m for m in plain32.modules() if isinstance(m, InferenceLinear)]
-    assert any(id(m) in tower for m in linears32) and any(id(m) not in encoder for m in linears32)
-    assert all(m.pack_float32 is (id(m) in encoder) for m in linears32)  # tower + head; not the decoder's
-    exact32 = copy.deepcopy(tiny_model).optimize_for_inference(device="cpu", dtype=None, indices="exact")
-    assert not exact32.inference_plan.pack_float32 and len(asked) == 4  # exact indices: BLAS's, not measured
+    assert not plain32.inference_plan.pack_float32 and len(asked) == 3  # float32 tower: not measured
     with caplog.at_level(logging.WARNING, logger="dualvitok.inference"):
-        inference.use_kernels(exact32, pack_float32=True)
-    assert "indices='exact'" in caplog.text and not exact32.inference_plan.pack_float32
-    assert not any(m.pack_float32 for m in exact32.modules() if isinstance(m, InferenceLinear))
+        inference.use_kernels(plain32, pack_float32=True)
+    assert "vision tower is not bf16" in caplog.text and not plain32.inference_plan.pack_float32
+    assert not any(m.pack_float32 for m in plain32.modules() if isinstance(m, InferenceLinear))
     inference.use_kernels(fast, pack_float32=False)
     assert not any(m.pack_float32 for m in fast.modules() if isinstance(m, InferenceLinear))
