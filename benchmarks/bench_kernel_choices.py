@@ -6,7 +6,7 @@
 ``optimize_for_inference()`` on CPU decides eight things by timing them once per process
 (:mod:`dualvitok.inference`): bf16 itself (:func:`dualvitok.cpu.low_precision_speedup`), the oneDNN convolution with a
 fused residual addition (:func:`dualvitok.blocks.fused.fused_conv_add_pays`), prepacked linear weights in bf16 and
-for the float32 semantic encoder (:func:`dualvitok.blocks.packed.packed_linear_pays`), prepacked convolution weights
+for the float32 semantic head (:func:`dualvitok.blocks.packed.packed_linear_pays`), prepacked convolution weights
 (:func:`dualvitok.blocks.packed_conv.packed_conv_pays`), Winograd convolutions in a float32 decoder
 (:func:`dualvitok.blocks.winograd.winograd_conv_pays`), the native GroupNorm + SiLU kernel
 (:func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`) and the native RoPE kernel
@@ -64,7 +64,7 @@ def _choices(native_bf16: bool) -> dict:
                                          fused._fusion_choices.clear),
         "prepacked linear weights": (lambda: packed.packed_linear_pays(TOWER_WIDTH, torch.bfloat16),
                                      packed._choices.clear),
-        "prepacked float32 linear weights (semantic encoder)": (
+        "prepacked float32 linear weights (semantic head)": (
             lambda: packed.packed_linear_pays(HEAD_WIDTH, torch.float32), packed._choices.clear),
         "prepacked convolution weights": (lambda: packed_conv.packed_conv_pays(DECODER_WIDEST, torch.bfloat16),
                                           packed_conv._choices.clear),
@@ -74,7 +74,8 @@ def _choices(native_bf16: bool) -> dict:
                                     norm_silu._choices.clear),
         "native RoPE": (lambda: native_rope.native_rope_pays(TOWER_HEADS, TOWER_HEAD_DIM), native_rope._choices.clear),
     }
-    bf16_only = ("prepacked linear weights", "prepacked convolution weights", "native GroupNorm + SiLU", "native RoPE")
+    bf16_only = ("prepacked linear weights", "prepacked float32 linear weights (semantic head)",  # behind a bf16 tower
+                 "prepacked convolution weights", "native GroupNorm + SiLU", "native RoPE")
     left_out = ("Winograd convolutions (float32 decoder)",) if native_bf16 else bf16_only
     return {name: value for name, value in choices.items() if name not in left_out}
 

@@ -17,6 +17,7 @@ reference,fast,fast_direct_conv``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ def decoder_shapes(size: int) -> list[tuple[int, int, int]]:
     cfg = get_config("dualvitok_anyres_max512")
     shapes: set[tuple[int, int, int]] = set()
 
-    def record(conv, args, output):
+    def record(conv: torch.nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
         if conv.kernel_size == (3, 3):
             shapes.add((conv.in_channels, conv.out_channels, args[0].shape[-1]))
 
@@ -49,7 +50,7 @@ def decoder_shapes(size: int) -> list[tuple[int, int, int]]:
     return sorted(shapes, key=lambda s: (-s[2], s[0], s[1]))
 
 
-def _runs(conv: torch.nn.Conv2d, weight_last: torch.Tensor, x: torch.Tensor) -> dict:
+def _runs(conv: torch.nn.Conv2d, weight_last: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The three ways to compute ``conv(x)`` that are timed."""
     x_last = x.contiguous(memory_format=torch.channels_last)
     return {"direct channels_last": lambda: F.conv2d(x_last, weight_last, conv.bias, padding=1),
@@ -82,7 +83,8 @@ def main() -> None:
                     errors = {name: (runs[name]()[:1].double() - exact).abs().max().item() / scale
                               for name in ("direct channels_last", "winograd")}
                 gflop = 2 * c_in * c_out * 9 * side * side * batch / 1e9
-                used = side * side >= winograd.MIN_POSITIONS and min(c_in, c_out) >= winograd.MIN_CHANNELS
+                with torch.inference_mode():
+                    used = winograd.can_winograd(conv) and winograd.usable(x, conv)  # the plan's rule
                 rows.append([size, batch, f"{c_in} -> {c_out}", f"{side}x{side}", f"{gflop:.1f}",
                              *(f"{best[n] * 1e3:.1f}" for n in runs),
                              f"{best['direct channels_last'] / best['winograd']:.2f}x",

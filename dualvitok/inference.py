@@ -116,7 +116,8 @@ class InferencePlan:
         device_type: the plan's device kind (``"cpu"``, ``"cuda"``, ...).
         stage_dtypes: stage name -> dtype it computes in (``"bfloat16"``, ``"float32"``).
         kept_float32: stage name -> why it stays float32.
-        channels_last: 2D convolutions and their inputs in channels_last.
+        channels_last: 2D convolutions and their inputs in channels_last (except in the pixel decoder where
+            ``winograd_conv`` was chosen, and the index-deciding encoders with ``indices="exact"``).
         fuse_conv: the oneDNN convolution + addition operator is used (CPU plan only, where a one-time measurement
             on this CPU finds it at least as fast as the separate operators:
             :func:`dualvitok.blocks.fused.fused_conv_add_pays`).
@@ -133,8 +134,8 @@ class InferencePlan:
         winograd_conv: the pixel decoder's float32 3x3 convolutions on maps of at least 64x64 positions compute with
             NNPACK's Winograd algorithm, and the decoder runs in NCHW (CPU plan with a float32 decoder only, where a
             one-time measurement on this CPU finds it at least 1.2x as fast as oneDNN's direct convolution:
-            :func:`dualvitok.blocks.winograd.winograd_conv_pays`; decoded images within about 1e-3 of the float32
-            path's, the same tokens).
+            :func:`dualvitok.blocks.winograd.winograd_conv_pays`; decoded images within float32-level differences of
+            the float32 path's, the same tokens).
         native_norm: the MoVQ blocks compute ``silu(norm(x))`` with the native CPU kernel on large maps (CPU plan only,
             where it compiled here and a one-time measurement on this CPU finds it faster than PyTorch's operators:
             :func:`dualvitok.blocks.norm_silu.native_norm_silu_pays`).
@@ -184,6 +185,7 @@ class _Stage:
     width: int  # base channel width, for the "never slower than float32" rule
     convolutional: bool
     decides_indices: bool  # kept float32 with exact_indices
+    winograd: bool = False  # where float32, its 3x3 convolutions may use Winograd's (winograd_conv; tokens never do)
 
 
 def _stages(model) -> list[_Stage]:
@@ -198,7 +200,7 @@ def _stages(model) -> list[_Stage]:
         _Stage("semantic decoder", [model.semantic_decoder], model.semantic_decoder, model.semantic_decoder,
                cfg.semantic_decoder.embed_dim, False, False),
         _Stage("pixel decoder", [model.pixel_post_quant_conv, model.pixel_decoder], model.pixel_decoder_branch,
-               model.pixel_decoder_branch, cfg.pixel_decoder.ch, True, False),
+               model.pixel_decoder_branch, cfg.pixel_decoder.ch, True, False, winograd=True),
     ]
 
 
@@ -339,10 +341,13 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
     """Switch a prepared model's inference variants to (or off) the kernels named by :data:`KERNEL_CHOICES`
     (``fuse_conv=``: the oneDNN convolution + addition; ``pack_linear=``: prepacked linear weights;
     ``pack_float32=``: the semantic head's float32 ones too, behind a bf16 tower only; ``pack_conv=``: prepacked
-    bf16 convolution weights; ``native_norm=``: the native
-    GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
+    bf16 convolution weights; ``winograd_conv=``: Winograd convolutions in a float32 pixel decoder;
+    ``native_norm=``: the native GroupNorm + SiLU kernel; ``native_rope=``: the native RoPE kernel), e.g. to take
     another process's measured choices; ``model.inference_plan`` records them. ``native_norm=True`` or
-    ``native_rope=True`` where the kernel is unavailable (no C compiler) is recorded as ``False``, with a warning."""
+    ``native_rope=True`` where the kernel is unavailable (no C compiler), and ``winograd_conv=True`` on a decoder
+    that is not float32, are recorded as ``False``, with a warning. Layouts stay as the plan made them: a decoder
+    switched to Winograd later keeps its channels_last layout (NNPACK then reads contiguous copies), one switched
+    off keeps NCHW (oneDNN's direct convolutions in NCHW); either way tokens do not change."""
     unknown = set(choices) - set(KERNEL_CHOICES)
     if unknown:
         raise TypeError(f"unknown kernel choices {sorted(unknown)}; expected some of {', '.join(KERNEL_CHOICES)}")
@@ -356,6 +361,10 @@ def use_kernels(model: nn.Module, **choices: bool) -> None:
         if name == "pack_float32" and value and model.inference_plan.stage_dtypes.get("vision tower") != "bfloat16":
             logger.warning("use_kernels(pack_float32=True): this model's vision tower is not bf16, so its float32 "
                            "linear layers keep PyTorch's BLAS (the float32 path's values)")
+            value = False
+        if name == "winograd_conv" and value and model.inference_plan.stage_dtypes.get("pixel decoder") != "float32":
+            logger.warning("use_kernels(winograd_conv=True): this model's pixel decoder is not float32, and the "
+                           "Winograd kernel computes float32 convolutions only")
             value = False
         setattr(model.inference_plan, name, value)
         scope = _KERNEL_SCOPES.get(name)
@@ -372,7 +381,7 @@ def _semantic_head_linears(model: nn.Module) -> list[nn.Module]:
 
 
 def _pixel_decoder_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of the pixel decoder branch (the only ones ``pack_conv`` applies to)."""
+    """The modules of the pixel decoder branch (the only ones ``pack_conv`` and ``winograd_conv`` apply to)."""
     return list(model.pixel_decoder_branch.modules())
 
 
@@ -384,9 +393,10 @@ _KERNEL_SCOPES: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
 """Kernel choices that reach only part of the model (the others reach every inference variant)."""
 
 
-def _winograd_choice(model: nn.Module, asked: bool | None) -> bool:
+def _winograd_choice(model: nn.Module, asked: bool | None, channels_last: bool) -> bool:
     """The plan's ``winograd_conv`` for a float32 pixel decoder: ``asked`` (``True``/``False``) or the one-time
-    measurement at the decoder's base width (``None``), and never where none of its convolutions can use it."""
+    measurement at the decoder's base width against its layout otherwise (``None``), and never where none of its
+    convolutions can use it."""
     if asked is False or not any(isinstance(m, nn.Conv2d) and winograd.can_winograd(m)
                                  for m in model.pixel_decoder_branch.modules()):
         if asked:
@@ -394,7 +404,7 @@ def _winograd_choice(model: nn.Module, asked: bool | None) -> bool:
                            "NNPACK's Winograd kernel here (NNPACK unavailable, or under %d channels); oneDNN's "
                            "convolutions run", winograd.MIN_CHANNELS)
         return False
-    return True if asked else winograd.winograd_conv_pays(model.config.pixel_decoder.ch)
+    return True if asked else winograd.winograd_conv_pays(model.config.pixel_decoder.ch, channels_last=channels_last)
 
 
 def agree_on_low_precision(dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
@@ -484,7 +494,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
             widest level).
         winograd_conv: CPU plan where the pixel decoder stays float32: compute its 3x3 convolutions on maps of at
             least 64x64 positions with NNPACK's Winograd algorithm and keep the decoder in NCHW (``True``; decoded
-            images within about 1e-3 of the float32 path's, the same tokens: :mod:`dualvitok.blocks.winograd`), not
+            images within float32-level differences of the float32 path's, the same tokens:
+            :mod:`dualvitok.blocks.winograd`), not
             (``False``), or measure once which is faster on this CPU (``None``, default;
             :func:`dualvitok.blocks.winograd.winograd_conv_pays` at the decoder's base width). Where NNPACK is
             unavailable oneDNN's convolutions run.
@@ -541,8 +552,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # exact indices: the index-deciding float32 stages keep the float32 path's layout too (channels_last picks
         # other convolution kernels, whose float32 sums differ in the last bits and can flip a near-tie index)
         layout = channels_last and stage.convolutional and not (stage.decides_indices and exact)
-        if stage.name == "pixel decoder" and device_type == "cpu" and not compile and reason is not None:
-            plan.winograd_conv = _winograd_choice(model, winograd_conv)
+        if stage.winograd and device_type == "cpu" and not compile and plan.stage_dtypes[stage.name] == "float32":
+            plan.winograd_conv = _winograd_choice(model, winograd_conv, layout)
             layout = layout and not plan.winograd_conv  # NNPACK reads and writes NCHW
         if layout:
             for module in stage.modules:
@@ -554,7 +565,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         # the branches only: InferenceResnetBlock2d keeps the stream float32 around them
         _convert(plan, PIXEL_BRANCHES, _pixel_branch_modules(model), dtype, rule(model.config.pixel_encoder.ch))
     decoder_dtype = next(model.pixel_decoder.parameters()).dtype
-    if plan.fuse_conv and fuse_conv is None:  # one-time measured choice on this CPU (pixel decoder width and dtype)
+    # one-time measured choice on this CPU (pixel decoder width and dtype, channels_last: the encoders' layout, and
+    # the decoder's unless Winograd is chosen, where it then applies to the maps under 64x64 only)
+    if plan.fuse_conv and fuse_conv is None:
         plan.fuse_conv = fused.fused_conv_add_pays(model.config.pixel_decoder.ch, decoder_dtype)
     elif plan.fuse_conv:
         plan.fuse_conv = bool(fuse_conv)
@@ -585,7 +598,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype | None = torch.b
         plan.native_rope = _native_choice("native_rope", native_rope, lambda: native_rope_kernel.native_rope_pays(
             tower_config.num_heads, tower_config.embed_dim // tower_config.num_heads))
     # replaced parts reach the branches (DualViTok.__setattr__)
-    # the scoped choices (pack_float32: the semantic head; pack_conv: the pixel decoder) are set by use_kernels, below
+    # the scoped choices (pack_float32: the semantic head; pack_conv, winograd_conv: the pixel decoder) are set by
+    # use_kernels, below
     swap_inference_blocks(model, **{name: getattr(plan, name) for name in KERNEL_CHOICES if name not in _KERNEL_SCOPES})
     if compile:
         for module in (model.semantic_encoder.model, model.semantic_decoder, model.pixel_encoder,

@@ -1,6 +1,6 @@
 """Interleaved timing, for the one-time measured choices of the fast path (:mod:`dualvitok.blocks.fused`,
-:mod:`dualvitok.blocks.packed`, :mod:`dualvitok.blocks.norm_silu`, :mod:`dualvitok.blocks.native_rope`,
-:mod:`dualvitok.cpu`) and the benchmarks."""
+:mod:`dualvitok.blocks.packed`, :mod:`dualvitok.blocks.packed_conv`, :mod:`dualvitok.blocks.winograd`,
+:mod:`dualvitok.blocks.norm_silu`, :mod:`dualvitok.blocks.native_rope`, :mod:`dualvitok.cpu`) and the benchmarks."""
 
 from __future__ import annotations
 

@@ -72,10 +72,10 @@ def _mkldnn_op(inplace: bool):
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether a ``RuntimeError`` from a oneDNN operator is an allocation failure (re-raised, never taken for an
-    unsupported kind of arguments and answered with a fallback)."""
+    """Whether a ``RuntimeError`` from a oneDNN (or NNPACK) operator is an allocation failure (re-raised, never taken
+    for an unsupported kind of arguments and answered with a fallback)."""
     message = str(err).lower()
-    return "out of memory" in message or "not enough memory" in message
+    return any(text in message for text in ("out of memory", "not enough memory", "cannot allocate memory"))
 
 
 def add(a: Tensor, b: Tensor, inplace: bool = False) -> Tensor:

@@ -75,7 +75,7 @@ class InferenceVariant(nn.Module):
     ``pack_conv``: compute bf16 2D convolutions on channels_last inputs from prepacked weights
     (:mod:`dualvitok.blocks.packed_conv`; oneDNN's kernels either way, within a bf16 rounding).
     ``winograd_conv``: compute float32 3x3 convolutions on large maps with NNPACK's Winograd algorithm
-    (:mod:`dualvitok.blocks.winograd`; about 1e-4 relative from ``F.conv2d``, unfused from the residual addition).
+    (:mod:`dualvitok.blocks.winograd`; about 1e-5 relative from ``F.conv2d``, unfused from the residual addition).
     ``native_norm``: compute the blocks' ``silu(norm(x))`` with the native CPU kernel where it applies
     (:func:`dualvitok.blocks.norm_silu.norm_silu`).
     ``native_rope``: rotate the vision blocks' queries and keys with the native CPU kernel where it applies
@@ -408,12 +408,11 @@ def swap_inference_blocks(module: nn.Module, **kernels: bool) -> nn.Module:
             ``fuse_conv`` lets them use the oneDNN fused convolution (CPU; ``False`` keeps to plain operators),
             ``pack_linear`` lets the bf16 linear layers compute from prepacked weights (CPU,
             :mod:`dualvitok.blocks.packed`), ``pack_float32`` the float32 ones, ``pack_conv`` the bf16 2D
-            convolutions (:mod:`dualvitok.blocks.packed_conv`), ``winograd_conv`` the float32 3x3 convolutions on
-            large maps compute with NNPACK's Winograd algorithm (:mod:`dualvitok.blocks.winograd`), ``native_norm``
-            lets the blocks
-            compute ``silu(norm(x))`` with the
-            native CPU kernel (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate
-            their queries and keys with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
+            convolutions (:mod:`dualvitok.blocks.packed_conv`), ``winograd_conv`` lets the float32 3x3
+            convolutions on large maps compute with NNPACK's Winograd algorithm (:mod:`dualvitok.blocks.winograd`),
+            ``native_norm`` lets the blocks compute ``silu(norm(x))`` with the native CPU kernel
+            (:mod:`dualvitok.blocks.norm_silu`), ``native_rope`` lets the vision blocks rotate their queries and keys
+            with the native CPU kernel (:mod:`dualvitok.blocks.native_rope`).
     """
     switches = _kernel_switches(kernels)
     for name, child in list(module.named_children()):

@@ -9,31 +9,37 @@ output tile from an 8x8 input tile with 64 products per channel pair instead of 
 NNPACK (``Maratyszcza/NNPACK``), whose inference convolution uses that algorithm for 3x3 kernels with stride 1;
 ``torch._nnpack_spatial_convolution`` calls it. ``F.conv2d`` itself never picks it for a batch of one image.
 
-* Measured on an AMD EPYC with AVX2 and no AVX-512 (2 threads, ``benchmarks/bench_kernel_choices.py``,
-  ``benchmarks/bench_winograd.py``): 1.6-2.7x ``F.conv2d`` in channels_last on maps of 64x64 positions and more
-  (384 channels at 64-256 px, 128-256 channels at 64-256 px), but 0.4-0.6x on 16x16 maps and below: NNPACK
-  transforms the weights on every call (64 floats per input-output channel pair), which only a large map
-  amortises. So a convolution uses it only on maps of at least :data:`MIN_POSITIONS` positions per image and with
-  at least :data:`MIN_CHANNELS` input and output channels (a 3 -> 128 convolution measured 0.47x).
-* For a batch of several images the layer calls it once per image: NNPACK's batched algorithm (which
-  ``torch._nnpack_spatial_convolution`` uses for ``B > 1``) gained 1.3x at most where the per-image calls gained 2x.
-* The values differ from ``F.conv2d``'s by about 1e-4 relative (the transforms round in float32; a direct
-  convolution's float32 error was about 3x smaller against a float64 computation): far below bf16's rounding
-  (4e-3), but not the float32 path's values. The plan therefore uses it in the pixel decoder only
-  (:func:`dualvitok.inference.use_kernels`), so tokens never depend on it, and decoded images stay within about
-  1e-3 of the float32 path's.
+* Measured on an AMD EPYC with AVX2 and no AVX-512 (2 threads, ``benchmarks/bench_winograd.py``): the released
+  decoder's convolutions for a 256x256 image ran 2.0-3.2x faster than ``F.conv2d`` in channels_last on maps of
+  64x64 positions and more, 1.06-1.20x at 32x32 and 0.35-0.60x at 16x16: NNPACK transforms the weights on every
+  call (64 floats per input-output channel pair), which only a large map amortises. So a convolution uses it only
+  on maps of at least :data:`MIN_POSITIONS` positions per image (at 32x32 the gain is under the plan's 1.2x margin)
+  and with at least :data:`MIN_CHANNELS` input and output channels (the decoder's 384 -> 3 output convolution
+  measured 0.40x, a 3 -> 128 one 0.47x).
+* For a batch of several images the layer calls it once per image, into one output: for ``B > 1``
+  ``torch._nnpack_spatial_convolution`` switches to NNPACK's batched (training) algorithm, which in one measurement
+  at ``[8, 384, 64, 64]`` gained 1.29x over ``F.conv2d`` where eight single-image calls gained 2.0x.
+* The values differ from ``F.conv2d``'s by about 1e-5 of the output's magnitude (the transforms round in float32:
+  1.0-1.5e-5 against a float64 convolution at the decoder's shapes, where a direct convolution gave 2-5e-6): far
+  below bf16's rounding (4e-3), but not the float32 path's values. The plan therefore uses it in the pixel decoder only
+  (:func:`dualvitok.inference.use_kernels`), so tokens never depend on it; decoded images differ from the float32
+  path's by float32-level amounts (``tests/blocks/test_winograd.py`` holds them within 1e-4 on a small model).
 * Whether it pays is a one-time measurement on this CPU (:func:`winograd_conv_pays`), not assumed: with bf16 stages
   (AMX, AVX-512-BF16) the decoder is not float32 and this kernel never runs.
 
 NNPACK is initialised by ``torch._nnpack_available()`` (its convolution fails until then), which :func:`available`
 calls. Its thread pool is PyTorch's own (not OpenMP's), created on first use with ``torch.get_num_threads()``
-threads; later changes of the thread count do not reach it. The operator is internal to PyTorch: where it is
-missing, NNPACK is unavailable in the build, fails a tiny probe, or refuses an input, ``F.conv2d`` runs.
+threads; later changes of the thread count do not reach it, and a process forked after that first use has none
+of its threads, so :func:`usable` answers ``False`` in any process other than the one that first used it. The
+operator is internal to PyTorch: where it is missing, NNPACK is unavailable in the build or on this CPU (x86 without
+AVX2), fails a tiny probe, or refuses an input, ``F.conv2d`` runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -51,15 +57,18 @@ MIN_CHANNELS = 64
 """... and only with at least this many input and output channels."""
 
 _available: bool | None = None  # NNPACK initialised and its convolution matched F.conv2d on a tiny probe
+_pool_pid: int | None = None  # the process whose NNPACK thread pool exists (set on first use)
+_NO_NNPACK_CAPABILITIES = ("DEFAULT", "NO AVX")  # x86 without AVX2: NNPACK's x86 kernels need AVX2 and FMA3
 
 
 def available() -> bool:
     """Whether NNPACK's convolution runs here and matches ``F.conv2d`` (initialises NNPACK; a tiny probe, once per
-    process)."""
+    process; nothing is probed on x86 CPUs without AVX2, where NNPACK logs that it cannot initialise)."""
     global _available
     if _available is None:
         _available = False
-        if hasattr(torch, "_nnpack_spatial_convolution") and hasattr(torch, "_nnpack_available"):
+        if (hasattr(torch, "_nnpack_spatial_convolution") and hasattr(torch, "_nnpack_available")
+                and torch.backends.cpu.get_cpu_capability() not in _NO_NNPACK_CAPABILITIES):
             try:
                 if torch._nnpack_available():  # also initialises NNPACK
                     generator = torch.Generator().manual_seed(0)
@@ -86,12 +95,18 @@ def can_winograd(conv: nn.Conv2d) -> bool:
 
 def usable(x: Tensor, conv: nn.Conv2d) -> bool:
     """Whether :func:`winograd_conv2d` applies to input ``x`` of ``conv`` now: autograd off, no autocast, a 4-D
-    float32 CPU input with at least :data:`MIN_POSITIONS` positions per image."""
+    float32 CPU input of at least one image of :data:`MIN_POSITIONS` positions or more, in the process whose NNPACK
+    thread pool this is (not a child forked after its first use)."""
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-            and x.shape[2] * x.shape[3] >= MIN_POSITIONS and not torch.is_autocast_enabled("cpu"))
+            and x.shape[0] > 0 and x.shape[2] * x.shape[3] >= MIN_POSITIONS and not torch.is_autocast_enabled("cpu")
+            and _pool_pid in (None, os.getpid()))
 
 
 def _nnpack(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """NNPACK's convolution of ``x`` ``[B, C_in, H, W]`` (of one image: its Winograd inference algorithm); records
+    this process as the owner of NNPACK's thread pool."""
+    global _pool_pid
+    _pool_pid = _pool_pid or os.getpid()
     return torch._nnpack_spatial_convolution(x, conv.weight, conv.bias, list(conv.padding), [1, 1])
 
 
@@ -100,24 +115,31 @@ def winograd_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
     Shape: ``[B, C_in, H, W] -> [B, C_out, H', W']`` (contiguous NCHW; a channels_last input is read through a
     contiguous copy)."""
-    if x.shape[0] == 1:
+    if x.shape[0] <= 1:
         return _nnpack(x, conv)
-    return torch.cat([_nnpack(image, conv) for image in x.split(1)])
+    first = _nnpack(x[:1], conv)  # [1, C_out, H', W']
+    out = first.new_empty((x.shape[0], *first.shape[1:]))  # one output: no per-image list to concatenate
+    out[:1] = first
+    for i in range(1, x.shape[0]):
+        out[i:i + 1] = _nnpack(x[i:i + 1], conv)
+    return out
 
 
-_choices: dict[tuple, bool] = {}  # (channels, size, threads, ISA) -> measured choice, once per process
+_choices: dict[tuple, bool] = {}  # (channels, size, layout, threads, ISA) -> measured choice, once per process
 
 
-def winograd_conv_pays(channels: int, size: int = 64, rounds: int = 3, min_speedup: float = 1.2) -> bool:
+def winograd_conv_pays(channels: int, channels_last: bool = True, size: int = math.isqrt(MIN_POSITIONS),
+                       rounds: int = 3, min_speedup: float = 1.2) -> bool:
     """Whether :func:`winograd_conv2d` is at least ``min_speedup`` times as fast as ``F.conv2d`` on this CPU: a
-    one-time measured choice (about 0.5 s at 384 channels, cached per process for each ``(channels, size)``).
+    one-time measured choice (about 0.5 s at 384 channels, cached per process for each set of arguments).
 
-    It times a float32 3x3 ``channels -> channels`` convolution on a ``size x size`` map (batch 1; the smallest map
-    the kernel is used on) with NNPACK against ``F.conv2d`` in channels_last (the fast path's layout otherwise),
-    interleaved, best of ``rounds`` after a warm-up. The margin is there because the kernel also changes the
-    decoder's values in the last bits and its layout (NCHW). ``False`` where NNPACK is unavailable or fails.
+    It times a float32 3x3 ``channels -> channels`` convolution on a ``size x size`` map (batch 1; by default the
+    smallest map the kernel is used on) with NNPACK against ``F.conv2d`` in the layout the decoder would have
+    otherwise (``channels_last``, the fast path's default, or NCHW), interleaved, best of ``rounds`` after a
+    warm-up. The margin is there because the kernel also changes the decoder's values in the last bits and its
+    layout (NCHW). ``False`` where NNPACK is unavailable or fails.
     """
-    key = (channels, size, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+    key = (channels, size, channels_last, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
     if key in _choices:
         return _choices[key]
     choice = False
@@ -125,13 +147,14 @@ def winograd_conv_pays(channels: int, size: int = 64, rounds: int = 3, min_speed
     if can_winograd(conv):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(1, channels, size, size, generator=generator)
-        x_last = x.contiguous(memory_format=torch.channels_last)
-        weight_last = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        x_direct = x.contiguous(memory_format=layout)
+        weight_direct = conv.weight.detach().contiguous(memory_format=layout)
         try:
             with torch.inference_mode():
                 choice = measure_choice(f"Winograd convolution (float32, {channels} channels, {size}x{size})",
                                         ("winograd", lambda: winograd_conv2d(x, conv)),
-                                        ("direct", lambda: F.conv2d(x_last, weight_last, conv.bias, padding=1)),
+                                        ("direct", lambda: F.conv2d(x_direct, weight_direct, conv.bias, padding=1)),
                                         rounds, min_speedup, logger).chosen
         except RuntimeError as err:
             logger.warning("NNPACK's Winograd convolution failed (%s); using F.conv2d", err)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualvitok import DualViTok, inference
+from dualvitok.blocks import inference as variants
 from dualvitok.blocks import winograd
 from dualvitok.blocks.inference import InferenceConv2d, InferenceResnetBlock2d, swap_inference_blocks
 from dualvitok.blocks.resnet import ResnetBlock2d
@@ -21,12 +22,12 @@ from dualvitok.registry import _tiny
 needs_nnpack = pytest.mark.skipif(not winograd.available(), reason="NNPACK's convolution does not run here")
 
 
-def _conv(c_in: int = 64, c_out: int = 64, kernel: int = 3, seed: int = 0, **kwargs) -> nn.Conv2d:
+def _conv(c_in: int = 64, c_out: int = 64, kernel: int = 3, seed: int = 0, **kwargs: object) -> nn.Conv2d:
     torch.manual_seed(seed)
     return nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, **kwargs).eval().requires_grad_(False)
 
 
-def _input(shape, seed: int = 1) -> torch.Tensor:
+def _input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -90,6 +91,7 @@ def test_winograd_is_used_on_large_maps_without_autograd_only():
         assert winograd.usable(_input((2, 64, 64, 64)), conv)
         assert not winograd.usable(_input((8, 64, 32, 32)), conv)  # positions per image, not per batch
         assert not winograd.usable(_input((1, 64, 64, 64)).bfloat16(), conv)
+        assert not winograd.usable(_input((0, 64, 64, 64)), conv)  # no image: F.conv2d
     assert not winograd.usable(_input((1, 64, 64, 64)), conv)  # autograd on
 
 
@@ -98,6 +100,26 @@ def test_winograd_is_refused_where_nnpack_is_unavailable(monkeypatch):
     monkeypatch.setattr(winograd, "_choices", {})
     assert not winograd.can_winograd(_conv())
     assert winograd.winograd_conv_pays(64) is False
+
+
+def test_nnpack_is_not_probed_on_x86_without_avx2(monkeypatch):
+    """NNPACK logs that it cannot initialise there: nothing calls it."""
+    monkeypatch.setattr(winograd, "_available", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(torch, "_nnpack_available", lambda: pytest.fail("probed"))
+    assert winograd.available() is False and not winograd.can_winograd(_conv())
+
+
+@needs_nnpack
+def test_a_process_forked_after_nnpack_ran_does_not_use_it(forked_child):
+    """NNPACK's thread pool does not survive a fork: the child computes with F.conv2d."""
+    conv, x = _conv(), _input((1, 64, 64, 64))
+    with torch.inference_mode():
+        winograd.winograd_conv2d(x, conv)  # the pool exists in this process now
+        assert winograd.usable(x, conv)
+    fast = swap_inference_blocks(copy.deepcopy(conv), winograd_conv=True)
+    assert forked_child(lambda: not winograd.usable(x, conv) and torch.equal(fast(x), F.conv2d(
+        x, conv.weight, conv.bias, padding=1)))
 
 
 @needs_nnpack
@@ -135,7 +157,7 @@ def test_inference_conv2d_falls_back_when_nnpack_refuses(monkeypatch, caplog):
 
 
 @needs_nnpack
-def test_resnet_block_adds_its_residual_after_a_winograd_convolution():
+def test_resnet_block_adds_its_residual_after_a_winograd_convolution(monkeypatch):
     """The fused convolution + addition has no NNPACK form: a Winograd ``conv2`` is computed, then added."""
     torch.manual_seed(0)
     block = ResnetBlock2d(64, 64).eval()
@@ -144,11 +166,15 @@ def test_resnet_block_adds_its_residual_after_a_winograd_convolution():
     x = _input((1, 64, 64, 64))
     with torch.inference_mode():
         expected = block(x)
-        out = fast(x.clone())
         plain = swap_inference_blocks(copy.deepcopy(block))(x.clone())
+        calls = []
+        real = winograd.winograd_conv2d
+        monkeypatch.setattr(winograd, "winograd_conv2d", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(variants, "conv2d_add", lambda *a, **k: pytest.fail("fused with a Winograd conv2"))
+        out = fast(x.clone())
     assert torch.equal(plain, expected)
+    assert len(calls) == 2  # conv1 and conv2
     assert (out - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
-    assert not torch.equal(out, expected)  # the Winograd kernel ran
 
 
 @needs_nnpack
@@ -186,11 +212,12 @@ def test_plan_uses_winograd_in_a_float32_pixel_decoder_only(model64, monkeypatch
     it, and that branch stays NCHW; a bf16 decoder never asks."""
     asked = []
     cpu_like("none")
-    monkeypatch.setattr(winograd, "winograd_conv_pays", lambda channels: asked.append(channels) or measured)
+    monkeypatch.setattr(winograd, "winograd_conv_pays",
+                        lambda channels, channels_last: asked.append((channels, channels_last)) or measured)
     with caplog.at_level(logging.INFO, logger="dualvitok.inference"):
         fast = copy.deepcopy(model64).optimize_for_inference(device="cpu")
     assert f"Winograd convolutions {'on' if measured else 'off'}" in caplog.text
-    assert asked == [model64.config.pixel_decoder.ch] and fast.inference_plan.winograd_conv is measured
+    assert asked == [(model64.config.pixel_decoder.ch, True)] and fast.inference_plan.winograd_conv is measured
     inside = {id(m) for m in fast.pixel_decoder_branch.modules()}
     convs = [m for m in fast.modules() if isinstance(m, InferenceConv2d)]
     assert any(id(m) not in inside for m in convs)
@@ -201,10 +228,17 @@ def test_plan_uses_winograd_in_a_float32_pixel_decoder_only(model64, monkeypatch
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in encoder_convs)
     told = copy.deepcopy(model64).optimize_for_inference(device="cpu", winograd_conv=False)
     assert not told.inference_plan.winograd_conv and len(asked) == 1  # told: not measured
+    nchw = copy.deepcopy(model64).optimize_for_inference(device="cpu", channels_last=False)
+    assert asked[1:] == [(model64.config.pixel_decoder.ch, False)]  # measured against NCHW direct convolutions
+    assert nchw.inference_plan.winograd_conv is measured
     cpu_like("amx")
     bf16 = copy.deepcopy(model64).optimize_for_inference(device="cpu")
     assert bf16.inference_plan.stage_dtypes["pixel decoder"] == "bfloat16"
-    assert not bf16.inference_plan.winograd_conv and len(asked) == 1  # a bf16 decoder: nothing to ask
+    assert not bf16.inference_plan.winograd_conv and len(asked) == 2  # a bf16 decoder: nothing to ask
+    with caplog.at_level(logging.WARNING, logger="dualvitok.inference"):
+        inference.use_kernels(bf16, winograd_conv=True)
+    assert "not float32" in caplog.text and not bf16.inference_plan.winograd_conv
+    assert not any(m.winograd_conv for m in bf16.modules() if isinstance(m, InferenceConv2d))
     inference.use_kernels(fast, winograd_conv=True)
     assert fast.inference_plan.winograd_conv and all(m.winograd_conv is (id(m) in inside) for m in convs)
 
