@@ -50,8 +50,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PATHS = ("reference", "reference_kept", "fp32", "fast", "fast_default_malloc", "fast_plain_norm", "fast_plain_conv",
-         "fast_direct_conv", "fast_blas")
+FAST_PATHS: dict[str, dict[str, bool]] = {
+    "fast": {},  # the default plan (on CPU: freed buffers kept for reuse)
+    "fast_default_malloc": {"keep_freed_memory": False},
+    "fast_plain_norm": {"native_norm": False},
+    "fast_plain_conv": {"pack_conv": False},
+    "fast_direct_conv": {"winograd_conv": False},
+    "fast_blas": {"pack_float32": False},
+}
+"""Each fast path's ``optimize_for_inference`` arguments."""
+PATHS = ("reference", "reference_kept", "fp32", *FAST_PATHS)
 DEFAULT_PATHS = "reference,fp32,fast"
 """The fast path's CPU plan keeps freed buffers for reuse (``keep_freed_cpu_memory()``, process-wide) unless told not
 to: ``fast_default_malloc`` leaves glibc's allocator alone, as the reference and the float32 path run, and
@@ -93,18 +101,8 @@ def _our_model(path: str, work: Path):
 
     model = DualViTok.from_reference(str(work / "config.json"), str(work / "weights.safetensors")).eval()
     model.requires_grad_(False)
-    if path == "fast":
-        model.optimize_for_inference()  # the default plan (on CPU: freed buffers kept for reuse)
-    elif path == "fast_default_malloc":
-        model.optimize_for_inference(keep_freed_memory=False)
-    elif path == "fast_plain_norm":
-        model.optimize_for_inference(native_norm=False)
-    elif path == "fast_plain_conv":
-        model.optimize_for_inference(pack_conv=False)
-    elif path == "fast_direct_conv":
-        model.optimize_for_inference(winograd_conv=False)
-    elif path == "fast_blas":
-        model.optimize_for_inference(pack_float32=False)
+    if path in FAST_PATHS:
+        model.optimize_for_inference(**FAST_PATHS[path])
     return model
 
 
