@@ -226,3 +226,23 @@ def forked_child():
         return answer == b"1"
 
     return run
+
+
+@pytest.fixture
+def slowed(monkeypatch):
+    """``slowed(module, name, seconds) -> calls``: replace ``module.name`` by a version that sleeps ``seconds`` before
+    calling it (so a measured choice finds it slower than its baseline); ``calls`` grows by one per call."""
+    import time
+
+    def slow_down(module, name: str, seconds: float) -> list:
+        real, calls = getattr(module, name), []
+
+        def slow(*args, **kwargs):
+            calls.append(1)
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, slow)
+        return calls
+
+    return slow_down

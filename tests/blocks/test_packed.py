@@ -109,19 +109,11 @@ def test_inference_linear_falls_back_when_onednn_refuses(monkeypatch, caplog, op
 
 
 @needs_onednn
-def test_packing_is_a_measured_choice_cached_per_process(monkeypatch):
+def test_packing_is_a_measured_choice_cached_per_process(monkeypatch, slowed):
     """packed_linear_pays times the packed GEMM against F.linear: a slower one is refused; measured once per key."""
-    import time
-
     monkeypatch.setattr(packed, "_choices", {})
-    real, calls = packed.packed_linear, []
-
-    def slow(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.02)  # far slower than a 16 x 64 x 256 GEMM
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(packed, "packed_linear", slow)
+    real = packed.packed_linear
+    calls = slowed(packed, "packed_linear", 0.02)  # far slower than a 16 x 64 x 256 GEMM
     assert packed.packed_linear_pays(64, torch.bfloat16, tokens=16) is False
     n = len(calls)
     assert n >= 6  # warm-up + 5 rounds

@@ -183,18 +183,10 @@ def test_fused_convolution_and_addition_compute_from_the_packed_weight(monkeypat
 
 
 @needs_onednn
-def test_packing_convolutions_is_a_measured_choice_cached_per_process(monkeypatch):
-    import time
-
+def test_packing_convolutions_is_a_measured_choice_cached_per_process(monkeypatch, slowed):
     monkeypatch.setattr(packed_conv, "_choices", {})
-    real, calls = packed_conv.packed_conv2d, []
-
-    def slow(*args):
-        calls.append(1)
-        time.sleep(0.02)  # far slower than a 32-channel convolution at 8x8
-        return real(*args)
-
-    monkeypatch.setattr(packed_conv, "packed_conv2d", slow)
+    real = packed_conv.packed_conv2d
+    calls = slowed(packed_conv, "packed_conv2d", 0.02)  # far slower than a 32-channel convolution at 8x8
     assert packed_conv.packed_conv_pays(32, torch.bfloat16, size=8) is False
     n = len(calls)
     assert n >= 6  # warm-up + 5 rounds

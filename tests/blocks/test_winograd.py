@@ -178,18 +178,10 @@ def test_resnet_block_adds_its_residual_after_a_winograd_convolution(monkeypatch
 
 
 @needs_nnpack
-def test_winograd_is_a_measured_choice_cached_per_process(monkeypatch):
-    import time
-
+def test_winograd_is_a_measured_choice_cached_per_process(monkeypatch, slowed):
     monkeypatch.setattr(winograd, "_choices", {})
-    real, calls = winograd.winograd_conv2d, []
-
-    def slow(*args):
-        calls.append(1)
-        time.sleep(0.05)  # far slower than a 64-channel convolution at 16x16
-        return real(*args)
-
-    monkeypatch.setattr(winograd, "winograd_conv2d", slow)
+    real = winograd.winograd_conv2d
+    calls = slowed(winograd, "winograd_conv2d", 0.05)  # far slower than a 64-channel convolution at 16x16
     assert winograd.winograd_conv_pays(64, size=16) is False
     n = len(calls)
     assert n >= 4  # warm-up + 3 rounds
