@@ -24,7 +24,9 @@ What it does:
    (from the indices) once per configuration, after a warm-up call on the first one, and saves its indices and
    reconstructions.
 4. Prints best and median times per path and stage, the ratios, peak RSS, the share of indices equal to the
-   reference's and the PSNR of each path's reconstruction against the reference's.
+   reference's and the PSNR of each path's reconstruction against the reference's. With ``--profile``, each process
+   of the first round runs each stage once more under ``torch.profiler``, and a table per configuration and stage
+   puts the top operators by self CPU time of every path side by side (which operator holds a path back).
 
 The reference's environment (it needs transformers 4.46.3 and huggingface_hub < 1.0; torch as here):
 
@@ -148,7 +150,7 @@ def worker(args: argparse.Namespace) -> None:
         def decode(indices):
             return model.decode_indices(*indices)
 
-    results = []
+    results, profiles = [], []
     with torch.inference_mode():
         for i, (size, batch) in enumerate(configs):
             x = _load_inputs(work, size, batch)
@@ -164,6 +166,10 @@ def worker(args: argparse.Namespace) -> None:
                 save_file({"semantic_indices": indices[0].contiguous(), "pixel_indices": indices[1].contiguous(),
                            "reconstruction": recon.float().contiguous()},
                           str(work / f"out_{args.worker}_{size}_{batch}.safetensors"))
+            if args.profile:  # one more call of each stage, under torch.profiler (after the timed ones)
+                indices, enc_ops = _operator_times(encode, x, args.top)
+                _, dec_ops = _operator_times(decode, indices, args.top)
+                profiles.append({"size": size, "batch": batch, "encode": enc_ops, "decode": dec_ops})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # this machine's GEMM peaks, measured right after this path's timings (on a shared host they drift)
     sys.path.insert(0, str(HERE))
@@ -176,7 +182,18 @@ def worker(args: argparse.Namespace) -> None:
                   "freed_buffers_kept": kept, "native_norm": bool(plan and plan.native_norm),
                   "native_rope": bool(plan and plan.native_rope), "pack_float32": bool(plan and plan.pack_float32),
                   "pack_conv": bool(plan and plan.pack_conv), "winograd_conv": bool(plan and plan.winograd_conv),
-                  "low_precision": bool(plan and plan.low_precision)})
+                  "low_precision": bool(plan and plan.low_precision), "profiles": profiles})
+
+
+def _operator_times(fn, arg, top: int) -> tuple[object, dict]:
+    """``(fn(arg), {"ops": {operator: [self CPU s, calls]} for the top operators by self CPU time, "total": s})``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn(arg)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return out, {"ops": {e.key: [e.self_cpu_time_total / 1e6, e.count] for e in events[:top]},
+                 "total": sum(e.self_cpu_time_total for e in events) / 1e6}
 
 
 def make_weights(args: argparse.Namespace) -> None:
@@ -279,6 +296,10 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the Markdown tables here too")
     parser.add_argument("--quick", action="store_true",
                         help="the tiny conformance-size config, 64x1 and 64x2, 1 round (checks the set-up)")
+    parser.add_argument("--profile", action="store_true",
+                        help="in the first round, run each stage once more under torch.profiler and add a table of "
+                             "the top operators by self CPU time, path beside path")
+    parser.add_argument("--top", type=int, default=12, help="operators per --profile table (default: 12)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the tables from --work's runs.jsonl (e.g. of an interrupted run) without timing")
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
@@ -345,7 +366,8 @@ def main() -> None:
                 python, env = ((args.reference_python, _reference_env(args)) if path.startswith("reference")
                                else (sys.executable, _our_env(args)))
                 out = run_worker([python, *script, "--worker", path, *common, "--configs", json.dumps(configs)]
-                           + (["--save-outputs"] if r == 0 else []), env=env)
+                           + (["--save-outputs"] if r == 0 else [])
+                           + (["--profile", "--top", str(args.top)] if r == 0 and args.profile else []), env=env)
                 with open(log, "a") as f:
                     f.write(json.dumps({**out, "round": r}) + "\n")
                 print(f"round {r + 1}/{args.rounds} {path}: "
@@ -412,7 +434,32 @@ def main() -> None:
               "matrix products compute them (Winograd convolutions do fewer multiplications, so a path using them can "
               "read above 100%).\n\n"
               f"{timing}\n\n{memory}\n\n{quality}\n")
+    profiled = [o for o in outs if o.get("profiles")]
+    if profiled:
+        report += ("\nTop operators by self CPU time (s, calls), one more call of each stage under torch.profiler "
+                   "in the first round; the profiler's own overhead is included.\n\n"
+                   + _profile_tables(profiled, args.top))
     emit_report(report, args.output)
+
+
+def _profile_tables(outs: list[dict], top: int) -> str:
+    """One Markdown table per configuration and stage: the operators in any path's top ``top``, the slowest (in any
+    path) first, with each path's self CPU seconds and calls, and every operator's total."""
+    from _common import table  # (main put this folder on the path)
+
+    paths = [o["path"] for o in outs]
+    parts = []
+    for k, first in enumerate(outs[0]["profiles"]):
+        for stage in ("encode", "decode"):
+            per_path = {o["path"]: o["profiles"][k][stage] for o in outs}
+            names = {name for prof in per_path.values() for name in prof["ops"]}
+            order = sorted(names, key=lambda n: -max(p["ops"].get(n, [0.0])[0] for p in per_path.values()))[:top]
+            rows = [[f"`{name}`"] + [f"{per_path[p]['ops'][name][0]:.2f} ({per_path[p]['ops'][name][1]})"
+                                     if name in per_path[p]["ops"] else "-" for p in paths] for name in order]
+            rows.append(["all operators"] + [f"{per_path[p]['total']:.2f}" for p in paths])
+            parts.append(f"{first['size']}x{first['size']}, batch {first['batch']}, {stage}:\n\n"
+                         + table(["operator"] + paths, rows))
+    return "\n\n".join(parts) + "\n"
 
 
 def _flops(work: Path, configs: list) -> dict:
