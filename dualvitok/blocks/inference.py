@@ -14,8 +14,9 @@ with fewer full-resolution passes and allocations (see :mod:`dualvitok.blocks.fu
   (:mod:`dualvitok.blocks.winograd`);
 * ``VisionAttention`` rotates its bf16 queries and keys with a native CPU kernel in one pass where ``native_rope``
   is set (:mod:`dualvitok.blocks.native_rope`; PyTorch's values bit for bit);
-* ``SpatialNorm`` modulates its normalised temporary in place; the DC shortcuts and the decoder stem are added in
-  place (the DC-up shortcut as a broadcast over views, nothing materialised at full size).
+* the DC shortcuts and the decoder stem are added in place (the DC-up shortcut as a broadcast over views, nothing
+  materialised at full size). (``SpatialNorm`` and the plain ``ResnetBlock2d`` write into their own temporaries
+  without autograd already, on every path.)
 
 So a convolutional variant **overwrites its input**: the MoVQ encoder and decoder only pass temporaries they own.
 While autograd is on a variant runs the plain block's ``forward`` (training and gradient checks see the public
@@ -40,7 +41,6 @@ from .dc import DCDownBlock2d, DCUpBlock2d, space_to_channel, space_to_channel_a
 from .fused import add, conv2d_add, is_out_of_memory
 from .movq import MoVQDecoder
 from .native_rope import rotate_queries_keys
-from .norm import SpatialNorm
 from .norm_silu import norm_silu
 from .resnet import ResnetBlock2d
 from .vit import QUICK_GELU_ALPHA, VisionAttention, VisionMlp, quick_gelu
@@ -303,13 +303,6 @@ class InferenceVisionAttention(InferenceVariant, VisionAttention):
         return rotate_queries_keys(qkv, rope, native=self.native_rope)
 
 
-class InferenceSpatialNorm(InferenceVariant, SpatialNorm):
-    """:class:`SpatialNorm` modulating its normalised temporary in place (no second full-size output)."""
-
-    def forward(self, x: Tensor, zq: Tensor) -> Tensor:
-        return self.modulate(self.norm_layer(x), zq, inplace=not torch.is_grad_enabled())
-
-
 class InferenceResnetBlock2d(InferenceVariant, ResnetBlock2d):
     """:class:`ResnetBlock2d` whose residual addition is fused into ``conv2``; **the output overwrites** ``x``.
 
@@ -388,7 +381,6 @@ INFERENCE_VARIANTS: dict[type[nn.Module], type[InferenceVariant]] = {
     nn.Conv2d: InferenceConv2d,
     VisionMlp: InferenceVisionMlp,
     VisionAttention: InferenceVisionAttention,
-    SpatialNorm: InferenceSpatialNorm,
     ResnetBlock2d: InferenceResnetBlock2d,
     AttnBlock2d: InferenceAttnBlock2d,
     DCDownBlock2d: InferenceDCDownBlock2d,

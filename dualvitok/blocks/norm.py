@@ -36,7 +36,8 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, channels, 1)
 
     def forward(self, x: Tensor, zq: Tensor) -> Tensor:
-        return self.modulate(self.norm_layer(x), zq)
+        # without autograd the GroupNorm output is this call's temporary: modulate it in place (the same values)
+        return self.modulate(self.norm_layer(x), zq, inplace=not torch.is_grad_enabled())
 
     def modulate(self, normed: Tensor, zq: Tensor, inplace: bool = False) -> Tensor:
         """``normed * conv_y(zq) + conv_b(zq)``, the maps resized (nearest) to ``normed``'s size.

@@ -46,4 +46,7 @@ class ResnetBlock2d(nn.Module):
         h = self.dropout(F.silu(apply_norm(self.norm2, h, zq), inplace=inplace))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
-        return x + self.conv2(h)
+        out = self.conv2(h)
+        if inplace and out.shape == x.shape and out.dtype == x.dtype:
+            return out.add_(x)  # conv2's output is a temporary: add the shortcut into it (x + out, the same values)
+        return x + out

@@ -98,3 +98,31 @@ def test_spatial_norm_upsampling_paths_match_interpolation(zq_size, x_size, chan
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(norm(x, zq), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zq_size", [8, 4, 3])  # same size, integer upsampling, interpolation
+def test_blocks_writing_into_their_temporaries_give_the_autograd_values(zq_size):
+    """Without autograd SpatialNorm modulates its GroupNorm output in place and ResnetBlock2d adds its shortcut into
+    conv2's output: bit for bit the values of the out-of-place computation (autograd on, nothing requiring grad)."""
+    torch.manual_seed(0)
+    x, zq = torch.randn(2, 32, 9 if zq_size == 3 else 8, 9 if zq_size == 3 else 8), torch.randn(2, 8, zq_size, zq_size)
+    for block in (SpatialNorm(32, 8), ResnetBlock2d(32, 32, zq_channels=8), ResnetBlock2d(32, 64, zq_channels=8)):
+        block.eval().requires_grad_(False)
+        with torch.enable_grad():
+            expected = block(x, zq)
+        with torch.inference_mode():
+            got = block(x, zq)
+        assert torch.equal(got, expected)
+
+
+def test_resnet_block_under_autocast_keeps_the_type_promotion():
+    """A bf16 conv2 output under autocast is not a place for the float32 shortcut: the sum stays float32."""
+    torch.manual_seed(0)
+    block = ResnetBlock2d(32, 32).eval()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block.requires_grad_(False)(x)
+    assert out.dtype == expected.dtype == torch.float32
+    assert torch.equal(out, expected)
