@@ -25,6 +25,8 @@ class ResnetBlock2d(nn.Module):
 
     Shape: ``x [B, C_in, H, W]`` (and ``zq [B, zq_channels, h, w]``) -> ``[B, C_out, H, W]``. ``x`` is never
     modified; the fast path's variant that writes into it is :class:`dualvitok.blocks.inference.InferenceResnetBlock2d`.
+    Without autograd the block writes into its own temporaries (the norms' outputs, ``conv2``'s output; the same
+    values): a forward hook on a submodule that keeps its output sees it change afterwards, as with an in-place ReLU.
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, zq_channels: int | None = None,
